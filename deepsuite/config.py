@@ -1,0 +1,407 @@
+"""One typed config tree: defaults < YAML < ``key.sub=value`` overrides, strict keys.
+
+OmegaConf structured configs do the merge and the type checks (unknown keys and wrong types are
+rejected with the full dotted key); each dataclass validates its own values in ``__post_init__``
+and :meth:`Config.validate` checks the relations between sections. Every error is a
+:class:`ConfigError` whose message names the field and what is allowed.
+
+    cfg = load_config("configs/tiny.yaml", ["train.steps=50", "moe.n_routed_experts=16"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message names the dotted key and what is allowed."""
+
+
+def _check(ok: bool, key: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected}, got {got!r}")
+
+
+def _positive(section: str, obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _check(value > 0, f"{section}.{name}", "a positive number", value)
+
+
+def _non_negative(section: str, obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _check(value >= 0, f"{section}.{name}", "a number >= 0", value)
+
+
+def _one_of(key: str, value: Any, allowed: Sequence[Any]) -> None:
+    _check(value in allowed, key, f"one of {list(allowed)}", value)
+
+
+@dataclass
+class ModelConfig:
+    """Decoder shape. ``n_dense_layers`` leading blocks use a dense SwiGLU, the rest DeepSeekMoE."""
+
+    vocab_size: int = 0  # 0 = the tokenizer's vocabulary size
+    dim: int = 128
+    n_layers: int = 4
+    n_dense_layers: int = 1
+    n_heads: int = 4
+    inter_dim: int = 512
+    max_seq_len: int = 256
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    mtp_depth: int = 0
+    mtp_loss_weight: float = 0.3
+
+    def __post_init__(self) -> None:
+        _positive("model", self, "dim", "n_layers", "n_heads", "inter_dim")
+        _non_negative("model", self, "vocab_size")
+        _positive("model", self, "max_seq_len", "norm_eps", "init_std")
+        _non_negative("model", self, "n_dense_layers", "mtp_depth", "mtp_loss_weight")
+        _check(
+            self.n_dense_layers <= self.n_layers,
+            "model.n_dense_layers",
+            f"at most model.n_layers ({self.n_layers})",
+            self.n_dense_layers,
+        )
+
+
+@dataclass
+class MLAConfig:
+    """Multi-head latent attention dims (DeepSeek names) and rotary scaling."""
+
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    rope_theta: float = 10000.0
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0
+    original_max_seq_len: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+    def __post_init__(self) -> None:
+        _non_negative("mla", self, "q_lora_rank")
+        _positive("mla", self, "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+        _positive("mla", self, "rope_theta", "rope_factor", "original_max_seq_len")
+        _check(self.qk_rope_head_dim % 2 == 0, "mla.qk_rope_head_dim", "an even number", self.qk_rope_head_dim)
+        _one_of("mla.rope_scaling", self.rope_scaling, ["none", "linear", "dynamic", "yarn"])
+
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        """The scaling arguments in the Hugging Face ``rope_scaling`` form, or None."""
+        if self.rope_scaling == "none":
+            return None
+        out: dict[str, Any] = {"type": self.rope_scaling, "factor": self.rope_factor}
+        if self.rope_scaling in ("yarn", "dynamic"):
+            out["original_max_position_embeddings"] = self.original_max_seq_len
+        if self.rope_scaling == "yarn":
+            out.update(
+                beta_fast=self.beta_fast,
+                beta_slow=self.beta_slow,
+                mscale=self.mscale,
+                mscale_all_dim=self.mscale_all_dim,
+            )
+        return out
+
+
+@dataclass
+class MoEConfig:
+    """DeepSeekMoE routing and the auxiliary-loss-free balancing (REFERENCES.md)."""
+
+    n_routed_experts: int = 16
+    n_shared_experts: int = 1
+    n_expert_per_token: int = 2
+    expert_intermediate_size: int = 128
+    n_group: int = 1
+    topk_group: int = 1
+    score_func: str = "sigmoid"
+    route_scale: float = 1.0
+    norm_topk_prob: bool = True
+    top_p: float = 0.0
+    bias_update_speed: float = 0.001
+    bias_update_until_tokens: int = 0
+    bias_recenter: bool = False
+    seq_aux_alpha: float = 0.0
+    aux_loss_alpha: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive("moe", self, "n_routed_experts", "n_expert_per_token")
+        _positive("moe", self, "expert_intermediate_size", "n_group", "topk_group", "route_scale")
+        _non_negative("moe", self, "n_shared_experts", "bias_update_speed", "bias_update_until_tokens")
+        _non_negative("moe", self, "seq_aux_alpha", "aux_loss_alpha")
+        _one_of("moe.score_func", self.score_func, ["sigmoid", "softmax"])
+        _check(0.0 <= self.top_p < 1.0, "moe.top_p", "0 (off) or a value in (0, 1)", self.top_p)
+        _check(
+            self.n_expert_per_token <= self.n_routed_experts,
+            "moe.n_expert_per_token",
+            f"at most moe.n_routed_experts ({self.n_routed_experts})",
+            self.n_expert_per_token,
+        )
+        _check(
+            self.n_routed_experts % self.n_group == 0,
+            "moe.n_group",
+            f"a divisor of moe.n_routed_experts ({self.n_routed_experts})",
+            self.n_group,
+        )
+        _check(
+            self.topk_group <= self.n_group,
+            "moe.topk_group",
+            f"at most moe.n_group ({self.n_group})",
+            self.topk_group,
+        )
+        per_group = self.n_routed_experts // self.n_group
+        _check(
+            self.n_expert_per_token <= self.topk_group * per_group,
+            "moe.n_expert_per_token",
+            f"at most moe.topk_group * experts per group ({self.topk_group * per_group})",
+            self.n_expert_per_token,
+        )
+
+
+@dataclass
+class ParallelConfig:
+    """Expert parallelism and the DeepSpeed engine settings."""
+
+    ep: int = 1
+    deepspeed_config: str = "configs/deepspeed/zero1.json"
+    zero_stage: int = -1
+    backend: str = "auto"
+    limit_groups_to: str = "experts"
+    collective_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        _positive("parallel", self, "ep", "collective_timeout_s")
+        _one_of("parallel.zero_stage", self.zero_stage, [-1, 0, 1, 2])
+        _one_of("parallel.backend", self.backend, ["auto", "gloo", "nccl"])
+        _one_of("parallel.limit_groups_to", self.limit_groups_to, ["experts", "ranks", "nodes"])
+
+
+@dataclass
+class DataConfig:
+    """Corpus, tokenizer and packing. ``source: builtin`` is the interpreter's own docs and sources."""
+
+    source: str = "builtin"
+    builtin_parts: list[str] = field(default_factory=lambda: ["docs", "source"])
+    text_field: str = "text"
+    tokenizer: str = "byte"
+    bpe_vocab_size: int = 4096
+    seq_len: int = 128
+    val_fraction: float = 0.02
+    streaming: bool = False
+    max_documents: int = 0
+    num_proc: int = 1
+    seed: int = 0
+    cache_dir: str = ""
+
+    def __post_init__(self) -> None:
+        _positive("data", self, "seq_len", "bpe_vocab_size", "num_proc")
+        _non_negative("data", self, "max_documents")
+        _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", "a value in [0, 1)", self.val_fraction)
+        _check(bool(self.source), "data.source", "'builtin', a local path or a dataset name", self.source)
+        for part in self.builtin_parts:
+            _one_of("data.builtin_parts[]", part, ["docs", "source"])
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay to ``min_lr_ratio * lr``."""
+
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 20
+    schedule: str = "cosine"
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        _positive("optim", self, "lr", "eps")
+        _non_negative("optim", self, "weight_decay", "warmup_steps", "grad_clip")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "a value in [0, 1]", self.min_lr_ratio)
+        _check(0.0 <= self.beta1 < 1.0, "optim.beta1", "a value in [0, 1)", self.beta1)
+        _check(0.0 <= self.beta2 < 1.0, "optim.beta2", "a value in [0, 1)", self.beta2)
+        _one_of("optim.schedule", self.schedule, ["cosine", "constant", "linear"])
+
+
+@dataclass
+class TrainConfig:
+    """Steps are optimizer steps; a step sees ``global_batch_size`` sequences over all ranks."""
+
+    steps: int = 200
+    micro_batch_size: int = 8
+    global_batch_size: int = 16
+    precision: str = "fp32"
+    seed: int = 0
+    eval_every: int = 50
+    eval_batches: int = 8
+    save_every: int = 100
+    keep_last: int = 3
+    run_dir: str = "runs/default"
+    resume: str = "auto"
+
+    def __post_init__(self) -> None:
+        _positive("train", self, "steps", "micro_batch_size", "global_batch_size", "keep_last")
+        _non_negative("train", self, "eval_every", "eval_batches", "save_every")
+        _one_of("train.precision", self.precision, ["fp32", "bf16"])
+        _check(
+            self.resume in ("auto", "never") or bool(self.resume),
+            "train.resume",
+            "'auto', 'never' or a checkpoint directory",
+            self.resume,
+        )
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go: jsonl always, console on rank 0, wandb when ``wandb`` is not disabled."""
+
+    wandb: str = "disabled"
+    project: str = "deepsuite"
+    name: str = ""
+    group: str = ""
+    tags: list[str] = field(default_factory=list)
+    console: bool = True
+    log_every: int = 1
+    moe_every: int = 10
+
+    def __post_init__(self) -> None:
+        _one_of("logging.wandb", self.wandb, ["disabled", "offline", "online"])
+        _positive("logging", self, "log_every", "moe_every")
+
+
+@dataclass
+class Config:
+    """The whole tree. Sections validate themselves; :meth:`validate` checks cross-section rules."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mla: MLAConfig = field(default_factory=MLAConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    name: str = MISSING
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _check(
+            self.data.seq_len <= self.model.max_seq_len,
+            "data.seq_len",
+            f"at most model.max_seq_len ({self.model.max_seq_len})",
+            self.data.seq_len,
+        )
+        _check(
+            self.model.n_dense_layers < self.model.n_layers or self.parallel.ep == 1,
+            "parallel.ep",
+            "1 when every layer is dense (model.n_dense_layers == model.n_layers)",
+            self.parallel.ep,
+        )
+        _check(
+            self.moe.n_routed_experts % self.parallel.ep == 0,
+            "parallel.ep",
+            f"a divisor of moe.n_routed_experts ({self.moe.n_routed_experts})",
+            self.parallel.ep,
+        )
+        _check(
+            self.train.global_batch_size % self.train.micro_batch_size == 0,
+            "train.global_batch_size",
+            f"a multiple of train.micro_batch_size ({self.train.micro_batch_size})",
+            self.train.global_batch_size,
+        )
+
+    def check_world(self, world_size: int) -> None:
+        """Rules that need the world size; called on every rank before any collective."""
+        per_step = self.train.micro_batch_size * world_size
+        _check(
+            self.train.global_batch_size % per_step == 0,
+            "train.global_batch_size",
+            f"a multiple of train.micro_batch_size x world size ({self.train.micro_batch_size} x "
+            f"{world_size} = {per_step}); change the batch sizes or the number of ranks",
+            self.train.global_batch_size,
+        )
+        _check(
+            world_size % self.parallel.ep == 0,
+            "parallel.ep",
+            f"a divisor of the world size ({world_size}); launch a multiple of {self.parallel.ep} "
+            "ranks or lower parallel.ep",
+            self.parallel.ep,
+        )
+
+    def grad_accumulation_steps(self, world_size: int) -> int:
+        return self.train.global_batch_size // (self.train.micro_batch_size * world_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _clean_message(err: OmegaConfBaseException) -> str:
+    """OmegaConf messages carry a multi-line trailer; keep the reason and the dotted key."""
+    text = str(err).strip().splitlines()
+    reason = text[0] if text else type(err).__name__
+    key = getattr(err, "full_key", None)
+    return f"{key}: {reason}" if key else reason
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Build a :class:`Config` from defaults, a YAML file (``yaml.safe_load``) and dotted overrides.
+
+    Raises :class:`ConfigError` naming the key for unknown keys, wrong types and bad values.
+    """
+    schema = OmegaConf.structured(Config)
+    layers = [schema]
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        data.setdefault("name", path.stem)
+        layers.append(OmegaConf.create(data))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected the form key.sub=value")
+    if overrides:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+    try:
+        merged = OmegaConf.merge(*layers)
+        if OmegaConf.is_missing(merged, "name"):
+            merged.name = "default"
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_clean_message(err)) from None
+    assert isinstance(cfg, Config)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a config from :meth:`Config.to_dict` output (e.g. the copy saved in a checkpoint)."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_clean_message(err)) from None
+    assert isinstance(cfg, Config)
+    return cfg
