@@ -98,7 +98,12 @@ class MLAConfig:
         _non_negative("mla", self, "q_lora_rank")
         _positive("mla", self, "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
         _positive("mla", self, "rope_theta", "rope_factor", "original_max_seq_len")
-        _check(self.qk_rope_head_dim % 2 == 0, "mla.qk_rope_head_dim", "an even number", self.qk_rope_head_dim)
+        _check(
+            self.qk_rope_head_dim % 2 == 0,
+            "mla.qk_rope_head_dim",
+            "an even number",
+            self.qk_rope_head_dim,
+        )
         _one_of("mla.rope_scaling", self.rope_scaling, ["none", "linear", "dynamic", "yarn"])
 
     def rope_scaling_dict(self) -> dict[str, Any] | None:
@@ -141,7 +146,9 @@ class MoEConfig:
     def __post_init__(self) -> None:
         _positive("moe", self, "n_routed_experts", "n_expert_per_token")
         _positive("moe", self, "expert_intermediate_size", "n_group", "topk_group", "route_scale")
-        _non_negative("moe", self, "n_shared_experts", "bias_update_speed", "bias_update_until_tokens")
+        _non_negative(
+            "moe", self, "n_shared_experts", "bias_update_speed", "bias_update_until_tokens"
+        )
         _non_negative("moe", self, "seq_aux_alpha", "aux_loss_alpha")
         _one_of("moe.score_func", self.score_func, ["sigmoid", "softmax"])
         _check(0.0 <= self.top_p < 1.0, "moe.top_p", "0 (off) or a value in (0, 1)", self.top_p)
@@ -210,8 +217,18 @@ class DataConfig:
     def __post_init__(self) -> None:
         _positive("data", self, "seq_len", "bpe_vocab_size", "num_proc")
         _non_negative("data", self, "max_documents")
-        _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", "a value in [0, 1)", self.val_fraction)
-        _check(bool(self.source), "data.source", "'builtin', a local path or a dataset name", self.source)
+        _check(
+            0.0 <= self.val_fraction < 1.0,
+            "data.val_fraction",
+            "a value in [0, 1)",
+            self.val_fraction,
+        )
+        _check(
+            bool(self.source),
+            "data.source",
+            "'builtin', a local path or a dataset name",
+            self.source,
+        )
         for part in self.builtin_parts:
             _one_of("data.builtin_parts[]", part, ["docs", "source"])
 
@@ -233,7 +250,12 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _positive("optim", self, "lr", "eps")
         _non_negative("optim", self, "weight_decay", "warmup_steps", "grad_clip")
-        _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "a value in [0, 1]", self.min_lr_ratio)
+        _check(
+            0.0 <= self.min_lr_ratio <= 1.0,
+            "optim.min_lr_ratio",
+            "a value in [0, 1]",
+            self.min_lr_ratio,
+        )
         _check(0.0 <= self.beta1 < 1.0, "optim.beta1", "a value in [0, 1)", self.beta1)
         _check(0.0 <= self.beta2 < 1.0, "optim.beta2", "a value in [0, 1)", self.beta2)
         _one_of("optim.schedule", self.schedule, ["cosine", "constant", "linear"])
@@ -377,7 +399,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"config file not found: {path}")
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+            raise ConfigError(
+                f"{path}: expected a mapping at the top level, got {type(data).__name__}"
+            )
         data.setdefault("name", path.stem)
         layers.append(OmegaConf.create(data))
     for item in overrides:

@@ -73,11 +73,15 @@ def test_yaml_is_loaded_safely(tmp_path):
 
 
 def test_world_checks():
-    cfg = load_config(None, ["train.micro_batch_size=4", "train.global_batch_size=16", "parallel.ep=2"])
+    cfg = load_config(
+        None, ["train.micro_batch_size=4", "train.global_batch_size=16", "parallel.ep=2"]
+    )
     cfg.check_world(2)
     assert cfg.grad_accumulation_steps(2) == 2
     with pytest.raises(ConfigError, match="micro_batch_size x world size"):
         cfg.check_world(3)
-    cfg = load_config(None, ["train.micro_batch_size=2", "train.global_batch_size=12", "parallel.ep=4"])
-    with pytest.raises(ConfigError, match="parallel.ep: expected a divisor of the world size"):
+    cfg = load_config(
+        None, ["train.micro_batch_size=2", "train.global_batch_size=12", "parallel.ep=4"]
+    )
+    with pytest.raises(ConfigError, match=r"parallel\.ep: expected a divisor of the world size"):
         cfg.check_world(2 * 3)
