@@ -1,0 +1,317 @@
+"""One metrics interface with sinks: console (rank 0), jsonl (always), wandb (when enabled).
+
+The trainer reduces scalars across ranks with torch.distributed and passes global values; this
+module never touches torch.distributed. Every rank may construct a MetricsLogger; only rank 0
+writes anything.
+
+Keys are namespaced (`loss/train`, `optim/lr`, `perf/tokens_per_s`, `time/forward`,
+`moe/layer3/max_vio`, `moe/layer3/load`, `comm/a2a_bytes`, ...). A jsonl line is
+{"step": int, "time": float (unix seconds), **metrics}; lists (per-expert load, bias) are kept
+as lists. In wandb, `.../load` lists become exact per-expert histograms (bin i = expert i),
+other lists become value histograms.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from deepsuite.training.moe_stats import MoEStatsTracker, comm_stats, max_vio
+
+__all__ = [
+    "JSONL_NAME",
+    "MetricsLogger",
+    "MoEStatsTracker",
+    "comm_stats",
+    "max_vio",
+    "read_metrics",
+]
+
+JSONL_NAME = "metrics.jsonl"
+WANDB_MODES = ("online", "offline", "disabled")
+# Scalars the console line shows, in this order, when present (the rest go to jsonl / wandb).
+_CONSOLE_KEYS = (
+    "loss/train",
+    "loss/val",
+    "optim/lr",
+    "optim/grad_norm",
+    "perf/tokens_per_s",
+    "perf/mfu",
+    "moe/max_vio",
+    "moe/max_vio_global",
+)
+BIAS_HIST_BINS = 32
+
+
+def read_metrics(run_dir_or_file: str | Path) -> list[dict[str, Any]]:
+    """All jsonl records of a run, in file order. Accepts the run directory or the file.
+
+    A truncated last line (a run killed mid-write) is skipped.
+    """
+    p = Path(run_dir_or_file)
+    path = p / JSONL_NAME if p.is_dir() else p
+    if not path.is_file():
+        raise ValueError(f"run_dir_or_file: no metrics file at {path}")
+    records = []
+    with path.open() as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def _to_jsonable(key: str, v: Any) -> float | int | list[float | int]:
+    """Python numbers and flat lists from python / numpy / torch values. NaN and inf are kept
+    (Python's json reads them back); anything else is refused where it is logged."""
+    if hasattr(v, "detach"):  # torch.Tensor, without importing torch here
+        v = v.detach().to("cpu").tolist()
+    elif isinstance(v, np.ndarray | np.generic):
+        v = v.tolist()
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, numbers.Real):
+        return float(v)
+    if isinstance(v, list | tuple) and all(
+        isinstance(x, numbers.Real) and not isinstance(x, bool) for x in v
+    ):
+        return [int(x) if isinstance(x, numbers.Integral) else float(x) for x in v]
+    raise TypeError(
+        f"metrics[{key!r}] must be a number or a flat list of numbers, got {type(v).__name__}"
+    )
+
+
+class _Console:
+    """A tqdm progress bar plus a compact per-step line written above it (rank 0 only)."""
+
+    def __init__(self, total_steps: int | None, stream: IO[str]) -> None:
+        from tqdm.auto import tqdm
+
+        self._stream = stream
+        # disable=None: no bar when the stream is not a terminal (SLURM logs), lines still print.
+        self._bar = tqdm(
+            total=total_steps, file=stream, unit="step", dynamic_ncols=True, disable=None
+        )
+        self._last_step: int | None = None
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if self._last_step is None or step > self._last_step:
+            self._bar.update(step - (self._last_step or 0))
+            self._last_step = step
+        parts = [f"step {step}"]
+        for k in _CONSOLE_KEYS:
+            v = metrics.get(k)
+            if isinstance(v, int | float):
+                parts.append(f"{k} {_fmt(v)}")
+        if len(parts) > 1:
+            self._bar.write(" | ".join(parts), file=self._stream)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _fmt(v: float) -> str:
+    if isinstance(v, int):
+        return str(v)
+    if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
+        return f"{v:.3e}"
+    return f"{v:.4g}"
+
+
+class _Wandb:
+    """wandb sink; imported lazily so the package works without wandb installed."""
+
+    def __init__(self, wandb: Any, run: Any) -> None:
+        self.wandb = wandb
+        self.run = run
+
+    def convert(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in metrics.items():
+            if isinstance(v, list):
+                if not v:
+                    continue
+                if k.endswith("/load"):  # exact per-expert histogram: bin i holds expert i
+                    edges = np.arange(len(v) + 1, dtype=np.float64)
+                    out[k] = self.wandb.Histogram(np_histogram=(list(v), edges.tolist()))
+                else:
+                    counts, edges = np.histogram(np.asarray(v, dtype=np.float64), BIAS_HIST_BINS)
+                    out[k] = self.wandb.Histogram(np_histogram=(counts.tolist(), edges.tolist()))
+            else:
+                out[k] = v
+        return out
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self.run.log(self.convert(metrics), step=step)
+
+
+class MetricsLogger:
+    """Writes metrics from rank 0 to the console, `run_dir/metrics.jsonl` and wandb.
+
+    wandb_mode: "online", "offline" (no network needed), "disabled", or None to take WANDB_MODE
+    (default "disabled"). project / name / group / tags default to WANDB_PROJECT, WANDB_NAME,
+    WANDB_RUN_GROUP, WANDB_TAGS (comma-separated). If wandb is not importable, a warning is
+    given and the other sinks carry on. The resolved `config` is logged to wandb.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        rank: int,
+        config: dict,
+        wandb_mode: str | None = "disabled",
+        project: str | None = None,
+        name: str | None = None,
+        group: str | None = None,
+        tags: list[str] | None = None,
+        console: bool = True,
+        total_steps: int | None = None,
+        stream: IO[str] | None = None,
+    ) -> None:
+        if not isinstance(rank, int) or rank < 0:
+            raise ValueError(f"rank must be an int >= 0, got {rank!r}")
+        if not isinstance(config, dict):
+            raise TypeError(f"config must be a dict (the resolved config), got {type(config)}")
+        mode = wandb_mode if wandb_mode is not None else os.environ.get("WANDB_MODE", "disabled")
+        if mode not in WANDB_MODES:
+            raise ValueError(f"wandb_mode must be one of {WANDB_MODES}, got {mode!r}")
+        if total_steps is not None and total_steps < 0:
+            raise ValueError(f"total_steps must be >= 0 or None, got {total_steps}")
+        self.run_dir = Path(run_dir)
+        self.rank = rank
+        self.wandb_mode = mode
+        self.active = rank == 0
+        self._file: IO[str] | None = None
+        self._console: _Console | None = None
+        self._wandb: _Wandb | None = None
+        if not self.active:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # Append: a resumed run continues the same file; readers keep the lines in order.
+        self._file = (self.run_dir / JSONL_NAME).open("a", buffering=1)
+        if console:
+            self._console = _Console(total_steps, stream if stream is not None else sys.stdout)
+        if mode != "disabled":
+            self._wandb = self._init_wandb(mode, config, project, name, group, tags)
+
+    @property
+    def jsonl_path(self) -> Path:
+        return self.run_dir / JSONL_NAME
+
+    def _init_wandb(
+        self,
+        mode: str,
+        config: dict,
+        project: str | None,
+        name: str | None,
+        group: str | None,
+        tags: list[str] | None,
+    ) -> _Wandb | None:
+        try:
+            import wandb
+        except ImportError as e:
+            warnings.warn(
+                f"wandb_mode={mode!r} but wandb is not importable ({e}); logging to jsonl only",
+                stacklevel=3,
+            )
+            return None
+        env_tags = [t for t in os.environ.get("WANDB_TAGS", "").split(",") if t.strip()]
+        run = wandb.init(
+            mode=mode,
+            project=project or os.environ.get("WANDB_PROJECT") or "deepsuite",
+            name=name or os.environ.get("WANDB_NAME"),
+            group=group or os.environ.get("WANDB_RUN_GROUP"),
+            tags=list(tags) if tags is not None else env_tags or None,
+            config=config,
+            dir=os.environ.get("WANDB_DIR") or str(self.run_dir),
+            reinit="finish_previous",
+        )
+        return _Wandb(wandb, run)
+
+    def log(self, metrics: dict[str, float | int | list[float]], step: int) -> None:
+        """Writes one record at `step` (optimizer steps, >= 0). No-op on rank != 0."""
+        if not self.active:
+            return
+        if self._file is None:
+            raise ValueError("log() called after close()")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        if not isinstance(metrics, dict):
+            raise TypeError(f"metrics must be a dict of key -> value, got {type(metrics)}")
+        clean: dict[str, Any] = {}
+        for k, v in metrics.items():
+            if not isinstance(k, str) or k in ("step", "time"):
+                raise ValueError(f"metrics keys must be str other than 'step'/'time', got {k!r}")
+            clean[k] = _to_jsonable(k, v)
+        record = {"step": step, "time": time.time(), **clean}
+        self._file.write(json.dumps(record, allow_nan=True) + "\n")
+        if self._console is not None:
+            self._console.log(clean, step)
+        if self._wandb is not None:
+            self._wandb.log(clean, step)
+
+    def log_images(self, step: int, *, layer: int | None = None) -> None:
+        """Logs the expert-load heatmaps, MaxVio series and bias trajectories, drawn from the
+        jsonl so far, to wandb as images (and a per-expert load table). No-op without wandb."""
+        if not self.active or self._wandb is None or self._file is None:
+            return
+        from deepsuite.plotting import draw_all, figure_to_rgb, latest_loads
+
+        self._file.flush()
+        records = read_metrics(self.jsonl_path)
+        figs = draw_all(records, layer=layer)
+        if not figs:
+            return
+        wb = self._wandb.wandb
+        payload: dict[str, Any] = {
+            f"plots/{k}": wb.Image(figure_to_rgb(fig)) for k, fig in figs.items()
+        }
+        rows = [
+            [lay, e, c] for lay, load in latest_loads(records).items() for e, c in enumerate(load)
+        ]
+        if rows:
+            payload["moe/load_table"] = wb.Table(columns=["layer", "expert", "tokens"], data=rows)
+        self._wandb.run.log(payload, step=step)
+
+    def close(self) -> None:
+        """Flushes the jsonl, closes the progress bar, finishes the wandb run. Idempotent."""
+        if self._console is not None:
+            self._console.close()
+            self._console = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._wandb is not None:
+            self._wandb.run.finish()
+            self._wandb = None
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def iter_scalar_series(records: list[dict[str, Any]], key: str) -> Iterator[tuple[int, float]]:
+    """(step, value) for every record holding a finite scalar under `key`."""
+    for r in records:
+        v = r.get(key)
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+            yield int(r["step"]), float(v)

@@ -1,0 +1,231 @@
+"""Load-balance statistics of MoE layers, computed from global per-expert token counts.
+
+Pure: numpy only, no torch.distributed. The trainer sums the counts over every data-parallel
+rank and micro-batch (the global batch) and passes them here once per optimizer step.
+
+Legend: E experts, T tokens, R expert-parallel ranks, W window length (steps).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "MoEStatsTracker",
+    "comm_stats",
+    "flops_per_token",
+    "load_entropy",
+    "max_vio",
+    "mfu",
+    "router_entropy",
+]
+
+
+def _as_vector(x: Any, name: str, n: int | None = None) -> np.ndarray:
+    """Converts a list / numpy array / torch tensor to a float64 vector, checking its length."""
+    if hasattr(x, "detach"):  # torch.Tensor, without importing torch
+        x = x.detach().to("cpu").double().numpy()
+    try:
+        v = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be a 1-D sequence of numbers, got {type(x).__name__}") from e
+    if v.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(v.shape)}")
+    if n is not None and v.shape[0] != n:
+        raise ValueError(f"{name} must have length {n} (n_experts), got {v.shape[0]}")
+    if not np.all(np.isfinite(v)):
+        raise ValueError(f"{name} must be finite, got {v.tolist()}")
+    return v
+
+
+def max_vio(counts_E: Any) -> float:
+    """MaxVio = (max_i c_i - mean c) / mean c (DeepSeek loss-free balancing paper).
+
+    0 means perfectly balanced; E - 1 means every token went to one expert. Defined as 0 when no
+    tokens were routed at all.
+    """
+    c = _as_vector(counts_E, "counts_E")
+    if c.size == 0:
+        raise ValueError("counts_E must have at least one expert")
+    mean = c.mean()
+    return 0.0 if mean <= 0 else float((c.max() - mean) / mean)
+
+
+def load_entropy(counts_E: Any) -> float:
+    """Entropy of the token share p_i = c_i / sum c, divided by log E: 1 = uniform, 0 = collapse."""
+    c = _as_vector(counts_E, "counts_E")
+    total = c.sum()
+    if c.size < 2 or total <= 0:
+        return 1.0
+    p = c[c > 0] / total
+    return float(-(p * np.log(p)).sum() / math.log(c.size))
+
+
+def router_entropy(scores_TE: Any) -> float:
+    """Mean over tokens of the entropy (nats) of each token's normalised router scores.
+
+    scores_TE: [T, E] non-negative affinities (sigmoid or softmax outputs). Rows are divided by
+    their sum first, so sigmoid scores are treated like V3's normalised gate.
+    """
+    if hasattr(scores_TE, "detach"):
+        scores_TE = scores_TE.detach().to("cpu").double().numpy()
+    s = np.asarray(scores_TE, dtype=np.float64)
+    if s.ndim != 2 or s.shape[0] == 0:
+        raise ValueError(f"scores_TE must be [T, E] with T > 0, got shape {tuple(s.shape)}")
+    if np.any(s < 0):
+        raise ValueError("scores_TE must be non-negative (sigmoid/softmax outputs)")
+    p = s / np.clip(s.sum(axis=1, keepdims=True), 1e-30, None)
+    plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
+    return float(-plogp.sum(axis=1).mean())
+
+
+def comm_stats(
+    tokens_received_R: Any, *, a2a_bytes: float | None = None, a2a_time_s: float | None = None
+) -> dict[str, float]:
+    """Per expert-parallel rank keys: tokens each rank received (the straggler view), all-to-all
+    bytes and seconds for the step. `comm/straggler` = max / mean tokens received (1 = even)."""
+    t = _as_vector(tokens_received_R, "tokens_received_R")
+    out: dict[str, float] = {f"comm/rank{r}/tokens_received": float(v) for r, v in enumerate(t)}
+    mean = t.mean() if t.size else 0.0
+    out["comm/straggler"] = float(t.max() / mean) if mean > 0 else 1.0
+    if a2a_bytes is not None:
+        out["comm/a2a_bytes"] = float(a2a_bytes)
+    if a2a_time_s is not None:
+        out["comm/a2a_time"] = float(a2a_time_s)
+    return out
+
+
+def flops_per_token(active_params: int, *, n_layers: int, seq_len: int, attn_dim: int) -> float:
+    """Training FLOPs per token: 6 N (forward + backward matmuls over the ACTIVATED parameters)
+    plus 12 L S d for attention scores and values (PaLM paper, appendix B). attn_dim is the
+    per-layer sum of head dims used in q.k (n_heads * qk_head_dim)."""
+    for name, v in (("active_params", active_params), ("n_layers", n_layers)):
+        if v < 0:
+            raise ValueError(f"{name} must be >= 0, got {v}")
+    if seq_len <= 0 or attn_dim <= 0:
+        raise ValueError(f"seq_len and attn_dim must be > 0, got {seq_len}, {attn_dim}")
+    return 6.0 * active_params + 12.0 * n_layers * seq_len * attn_dim
+
+
+def mfu(tokens_per_s: float, flops_per_tok: float, peak_flops_per_s: float) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the hardware peak (all devices)."""
+    if peak_flops_per_s <= 0:
+        raise ValueError(f"peak_flops_per_s must be > 0, got {peak_flops_per_s}")
+    return float(tokens_per_s * flops_per_tok / peak_flops_per_s)
+
+
+class MoEStatsTracker:
+    """Accumulates per-layer global expert counts and produces namespaced metric keys.
+
+    Call `update(layer, counts_E, bias_E)` once per optimizer step for every MoE layer, and
+    `metrics()` on the steps you log. "global" MaxVio and dead experts are over the last
+    `window` updates of that layer; the batch figures are from the latest update.
+
+    Keys, for layer L (the model's layer index):
+      moe/layerL/load            list of E token counts of the latest global batch
+      moe/layerL/max_vio         MaxVio of that batch
+      moe/layerL/max_vio_global  MaxVio of the counts summed over the window
+      moe/layerL/load_min|max    fewest / most tokens any expert received in the batch
+      moe/layerL/load_entropy    normalised entropy of the token shares (1 = uniform)
+      moe/layerL/dead_experts    experts that received no token in the whole window
+      moe/layerL/entropy         router entropy (nats), when given
+      moe/layerL/bias, bias_mean|min|max   the balancing bias, when given
+      moe/layerL/seq_aux_loss    the sequence-wise balance loss, when given
+      moe/max_vio, moe/max_vio_global      mean over layers; moe/max_vio_worst = max over layers
+    """
+
+    def __init__(self, n_experts: int, *, window: int = 100) -> None:
+        if not isinstance(n_experts, int) or n_experts < 1:
+            raise ValueError(f"n_experts must be an int >= 1, got {n_experts!r}")
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be an int >= 1 (steps), got {window!r}")
+        self.n_experts = n_experts
+        self.window = window
+        self._counts: dict[int, deque[np.ndarray]] = {}
+        self._latest: dict[int, dict[str, Any]] = {}
+
+    def update(
+        self,
+        layer: int,
+        counts_E: Any,
+        bias_E: Any = None,
+        *,
+        entropy: float | None = None,
+        seq_aux_loss: float | None = None,
+    ) -> None:
+        """Records one optimizer step of one layer. counts_E: [E] tokens per expert over the
+        global batch; bias_E: [E] balancing bias (float32 in the model) or None."""
+        if not isinstance(layer, int) or layer < 0:
+            raise ValueError(f"layer must be an int >= 0, got {layer!r}")
+        c = _as_vector(counts_E, "counts_E", self.n_experts)
+        if np.any(c < 0):
+            raise ValueError(f"counts_E must be >= 0, got {c.tolist()}")
+        latest: dict[str, Any] = {"counts": c}
+        if bias_E is not None:
+            latest["bias"] = _as_vector(bias_E, "bias_E", self.n_experts)
+        if entropy is not None:
+            latest["entropy"] = float(entropy)
+        if seq_aux_loss is not None:
+            latest["seq_aux_loss"] = float(seq_aux_loss)
+        self._counts.setdefault(layer, deque(maxlen=self.window)).append(c)
+        self._latest[layer] = latest
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self._latest)
+
+    def window_counts(self, layer: int) -> np.ndarray:
+        """[E] tokens per expert summed over the last `window` updates of `layer`."""
+        if layer not in self._counts:
+            raise ValueError(f"layer {layer} has no updates; known layers: {self.layers}")
+        return np.sum(np.stack(list(self._counts[layer])), axis=0)
+
+    def metrics(self) -> dict[str, float | int | list[float]]:
+        """The keys listed in the class docstring, for every layer updated so far."""
+        out: dict[str, float | int | list[float]] = {}
+        vios, vios_g = [], []
+        for layer in self.layers:
+            p = f"moe/layer{layer}/"
+            latest = self._latest[layer]
+            c = latest["counts"]
+            cw = self.window_counts(layer)
+            vio, vio_g = max_vio(c), max_vio(cw)
+            vios.append(vio)
+            vios_g.append(vio_g)
+            out[p + "load"] = [_num(v) for v in c]
+            out[p + "max_vio"] = vio
+            out[p + "max_vio_global"] = vio_g
+            out[p + "load_min"] = _num(c.min())
+            out[p + "load_max"] = _num(c.max())
+            out[p + "load_entropy"] = load_entropy(c)
+            out[p + "dead_experts"] = int((cw == 0).sum())
+            if "entropy" in latest:
+                out[p + "entropy"] = latest["entropy"]
+            if "bias" in latest:
+                b = latest["bias"]
+                out[p + "bias"] = [float(v) for v in b]
+                out[p + "bias_mean"] = float(b.mean())
+                out[p + "bias_min"] = float(b.min())
+                out[p + "bias_max"] = float(b.max())
+            if "seq_aux_loss" in latest:
+                out[p + "seq_aux_loss"] = latest["seq_aux_loss"]
+        if vios:
+            out["moe/max_vio"] = float(np.mean(vios))
+            out["moe/max_vio_global"] = float(np.mean(vios_g))
+            out["moe/max_vio_worst"] = float(np.max(vios))
+        return out
+
+    def reset(self) -> None:
+        """Forgets every window (e.g. after a resume with a different batch size)."""
+        self._counts.clear()
+        self._latest.clear()
+
+
+def _num(v: float) -> float | int:
+    """Token counts are integers: keep them as ints in jsonl so they read back exactly."""
+    f = float(v)
+    return int(f) if f.is_integer() else f
