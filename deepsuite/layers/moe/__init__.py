@@ -1,0 +1,32 @@
+"""DeepSeekMoE: router, dispatcher, grouped experts, balancing (pure, single device)."""
+
+from .balance import (
+    GammaSchedule,
+    aux_balance_loss,
+    max_vio,
+    routing_entropy,
+    sequence_balance_loss,
+    sign_rule_update_,
+)
+from .dispatch import Dispatcher, LocalDispatcher, LocalState, dispatch_reference
+from .experts import GroupedExperts
+from .layer import DeepSeekMoE, RoutingStats
+from .router import Router, RouterOutput
+
+__all__ = [
+    "DeepSeekMoE",
+    "Dispatcher",
+    "GammaSchedule",
+    "GroupedExperts",
+    "LocalDispatcher",
+    "LocalState",
+    "Router",
+    "RouterOutput",
+    "RoutingStats",
+    "aux_balance_loss",
+    "dispatch_reference",
+    "max_vio",
+    "routing_entropy",
+    "sequence_balance_loss",
+    "sign_rule_update_",
+]

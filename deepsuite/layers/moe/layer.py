@@ -1,0 +1,226 @@
+"""DeepSeekMoE: shared experts + routed experts, forward in four named phases.
+
+Letters: B batch, S sequence, T = B*S tokens, D model dim, E routed experts, K slots per token,
+N dispatched rows, F expert hidden. route -> dispatch -> compute -> combine, plus the always-on
+shared experts. Balancing state lives here; the bias itself is updated by ``update_bias``,
+called once per optimizer step from outside ``forward``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..mlp import SwiGLU
+from .balance import (
+    aux_balance_loss,
+    max_vio,
+    routing_entropy,
+    sequence_balance_loss,
+    sign_rule_update_,
+)
+from .dispatch import Dispatcher, LocalDispatcher
+from .experts import GroupedExperts
+from .router import Router, RouterOutput
+
+
+@dataclass
+class RoutingStats:
+    """Per-forward routing statistics (detached; reading them as numbers is the caller's sync).
+
+    counts_E: int64 [E] tokens per expert; max_vio: float32 scalar; experts_per_token: mean
+    non-empty slots per token; entropy: mean score entropy (nats); seq_aux_loss / aux_loss:
+    detached loss values, or None when disabled; n_tokens: T.
+    """
+
+    counts_E: Tensor
+    max_vio: Tensor
+    experts_per_token: Tensor
+    entropy: Tensor
+    n_tokens: int
+    seq_aux_loss: Tensor | None = None
+    aux_loss: Tensor | None = None
+
+
+class DeepSeekMoE(nn.Module):
+    """DeepSeek-V3 MoE block with auxiliary-loss-free balancing.
+
+    ``out, router_logits = moe(x)``: x (B, S, D) or (T, D) -> out (same shape and dtype as x),
+    router_logits (T, E) float32. Sizes: routed experts of hidden ``expert_intermediate_size``;
+    shared experts fused into one SwiGLU of hidden ``shared_intermediate_size`` (default
+    n_shared * expert_intermediate_size). Loss weights seq_aux_alpha (complementary
+    sequence-wise loss, V3 uses 1e-4) and aux_loss_alpha (classic loss, for comparison);
+    their sum for the last forward is ``self.aux_loss`` (None when both are 0).
+    ``bias_update_speed`` is the default gamma of ``update_bias`` (V3: 0.001; short runs need
+    more, e.g. 0.01). ``use_expert_bias=False`` gives V2-style routing with no bias.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_shared_experts: int = 1,
+        n_routed_experts: int = 64,
+        n_expert_per_token: int = 6,
+        expert_intermediate_size: int = 1408,
+        *,
+        shared_intermediate_size: int | None = None,
+        n_group: int = 1,
+        topk_group: int = 1,
+        score_func: str = "sigmoid",
+        route_scale: float = 1.0,
+        norm_topk_prob: bool = True,
+        top_p: float | None = None,
+        seq_aux_alpha: float = 0.0,
+        aux_loss_alpha: float = 0.0,
+        bias_update_speed: float = 0.001,
+        bias_recenter: bool = False,
+        use_expert_bias: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(n_shared_experts, bool) or not isinstance(n_shared_experts, int):
+            raise TypeError(
+                f"n_shared_experts must be an int, got {type(n_shared_experts).__name__}"
+            )
+        if n_shared_experts < 0:
+            raise ValueError(f"n_shared_experts must be >= 0, got {n_shared_experts}")
+        if (
+            isinstance(n_routed_experts, int)
+            and isinstance(n_expert_per_token, int)
+            and n_expert_per_token > n_routed_experts
+        ):
+            raise ValueError(
+                f"n_expert_per_token ({n_expert_per_token}) must be <= "
+                f"n_routed_experts ({n_routed_experts})"
+            )
+        for name, v in (
+            ("seq_aux_alpha", seq_aux_alpha),
+            ("aux_loss_alpha", aux_loss_alpha),
+            ("bias_update_speed", bias_update_speed),
+        ):
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{name} must be a float >= 0, got {v!r}")
+        self.router = Router(
+            d_model,
+            n_routed_experts,
+            n_expert_per_token,
+            n_group=n_group,
+            topk_group=topk_group,
+            score_func=score_func,
+            route_scale=route_scale,
+            norm_topk_prob=norm_topk_prob,
+            top_p=top_p,
+            use_bias=use_expert_bias,
+        )
+        self.experts = GroupedExperts(n_routed_experts, d_model, expert_intermediate_size)
+        if shared_intermediate_size is None:
+            shared_intermediate_size = n_shared_experts * expert_intermediate_size
+        self.shared_experts = (
+            SwiGLU(d_model, shared_intermediate_size) if n_shared_experts > 0 else None
+        )
+        self.dispatcher: Dispatcher = LocalDispatcher(n_routed_experts)
+        self.d_model = d_model
+        self.n_routed_experts = n_routed_experts
+        self.n_expert_per_token = n_expert_per_token
+        self.seq_aux_alpha = float(seq_aux_alpha)
+        self.aux_loss_alpha = float(aux_loss_alpha)
+        self.bias_update_speed = float(bias_update_speed)
+        self.bias_recenter = bias_recenter
+        self.register_buffer(
+            "tokens_per_expert", torch.zeros(n_routed_experts, dtype=torch.int64), persistent=False
+        )
+        self.last_stats: RoutingStats | None = None
+        self.aux_loss: Tensor | None = None
+
+    def _flatten(self, x: Tensor) -> tuple[Tensor, int]:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+        if x.dim() not in (2, 3) or x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"x must be (B, S, {self.d_model}) or (T, {self.d_model}), got {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating tensor, got {x.dtype}")
+        n_seq = x.shape[0] if x.dim() == 3 else 1
+        return x.reshape(-1, self.d_model), n_seq
+
+    def forward(self, x: Tensor, k: int | None = None) -> tuple[Tensor, Tensor]:
+        """x (B, S, D) or (T, D); k slots per token (default n_expert_per_token; k_max with top_p).
+
+        -> (out same shape/dtype as x, router_logits (T, E) float32).
+        """
+        x_TD, n_seq = self._flatten(x)
+        r = self.router(x_TD, k)  # route
+        x_ND, counts_L, state = self.dispatcher.dispatch(x_TD, r.ids_TK, r.weights_TK)  # dispatch
+        y_ND = self.experts(x_ND, counts_L)  # compute
+        out_TD = self.dispatcher.combine(y_ND, state)  # combine
+        if self.shared_experts is not None:
+            out_TD = out_TD + self.shared_experts(x_TD)
+        self._record(r, n_seq)
+        return out_TD.view(x.shape), r.logits_TE
+
+    def forward_reference(self, x: Tensor, k: int | None = None) -> tuple[Tensor, Tensor]:
+        """Per-expert loop oracle (no sort, no dispatcher): for each expert, find its tokens,
+        run its SwiGLU and add weight * output. Does not touch balancing state."""
+        x_TD, _ = self._flatten(x)
+        r = self.router(x_TD, k)
+        out = torch.zeros_like(x_TD, dtype=torch.float32)
+        ex = self.experts
+        for e in range(ex.n_experts):
+            tok, slot = (r.ids_TK == e).nonzero(as_tuple=True)
+            if tok.numel() == 0:
+                continue
+            h = x_TD[tok]
+            y = (
+                torch.nn.functional.silu(h @ ex.gate_proj[e].T) * (h @ ex.up_proj[e].T)
+            ) @ ex.down_proj[e].T
+            out = out.index_add(0, tok, y.float() * r.weights_TK[tok, slot].unsqueeze(1))
+        out = out.to(x.dtype)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x_TD)
+        return out.view(x.shape), r.logits_TE
+
+    def _record(self, r: RouterOutput, n_seq: int) -> None:
+        """Accumulate counts (training only) and compute stats / enabled losses."""
+        counts_E = r.counts_E.detach()
+        if self.training:
+            self.tokens_per_expert.add_(counts_E.to(self.tokens_per_expert.device))
+        T = r.ids_TK.shape[0]
+        losses: list[Tensor] = []
+        seq = aux = None
+        if self.seq_aux_alpha > 0:
+            E = r.scores_TE.shape[1]
+            seq = sequence_balance_loss(
+                r.scores_TE.view(n_seq, -1, E),
+                r.ids_TK.view(n_seq, -1, r.ids_TK.shape[1]),
+                self.seq_aux_alpha,
+            )
+            losses.append(seq)
+        if self.aux_loss_alpha > 0:
+            aux = aux_balance_loss(r.scores_TE, r.ids_TK, self.aux_loss_alpha)
+            losses.append(aux)
+        self.aux_loss = sum(losses[1:], losses[0]) if losses else None
+        self.last_stats = RoutingStats(
+            counts_E=counts_E,
+            max_vio=max_vio(counts_E),
+            experts_per_token=(r.ids_TK >= 0).sum(dim=1).float().mean(),
+            entropy=routing_entropy(r.scores_TE),
+            n_tokens=T,
+            seq_aux_loss=None if seq is None else seq.detach(),
+            aux_loss=None if aux is None else aux.detach(),
+        )
+
+    @torch.no_grad()
+    def update_bias(self, counts_E: Tensor | None = None, gamma: float | None = None) -> None:
+        """In place: b += gamma * sign(mean(c) - c), then re-centre if enabled.
+
+        counts_E defaults to ``tokens_per_expert`` (accumulated over micro-batches since the last
+        update); the trainer passes the data-parallel all-reduced counts instead. gamma defaults
+        to ``bias_update_speed``. Resets the accumulator either way.
+        """
+        c = self.tokens_per_expert if counts_E is None else counts_E
+        g = self.bias_update_speed if gamma is None else gamma
+        if g > 0 and c.sum() > 0:
+            sign_rule_update_(self.router.expert_bias, c, g, self.bias_recenter)
+        self.tokens_per_expert.zero_()

@@ -1,0 +1,206 @@
+"""DeepSeek-V3 router (gate): float32 scores, group-limited top-k, bias for selection only.
+
+Letters: T tokens, D model dim, E routed experts, G expert groups, K top-k slots.
+Ties in every ranking go to the lower index (stable sort), so routing is deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SCORE_FUNCS = ("sigmoid", "softmax")
+
+
+class RouterOutput(NamedTuple):
+    """What the router returns for T tokens.
+
+    logits_TE: float32 raw ``x W^T`` (returned by the layer as ``router_logits``).
+    scores_TE: float32 unbiased sigmoid/softmax scores.
+    ids_TK: int64 expert ids in slot order; -1 marks an empty slot (top-p mode only).
+    weights_TK: float32 gate weights from the UNBIASED scores, normalised (if enabled) and
+        times route_scale; 0 in empty slots.
+    counts_E: int64 tokens routed to each expert by this call (empty slots excluded).
+    """
+
+    logits_TE: Tensor
+    scores_TE: Tensor
+    ids_TK: Tensor
+    weights_TK: Tensor
+    counts_E: Tensor
+
+
+def _check_int(name: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+def _sort_desc(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Descending sort along the last dim; equal values keep index order (lower index first)."""
+    return torch.sort(x, dim=-1, descending=True, stable=True)
+
+
+class Router(nn.Module):
+    """Scores every token against every routed expert and picks its experts.
+
+    Args:
+        d_model: token width D.
+        n_experts: routed experts E.
+        top_k: default slots per token K (overridable per call with ``k``; k_max in top-p mode).
+        n_group: expert groups G (E must be divisible by G); 1 disables group limiting.
+        topk_group: groups kept per token (<= G).
+        score_func: "sigmoid" (V3) or "softmax" (V2).
+        route_scale: multiplier on the gate weights.
+        norm_topk_prob: divide the selected weights by their sum.
+        top_p: if set, each token keeps the fewest of its k candidates whose normalised scores
+            reach top_p (ordered by score); unused slots get id -1 and weight 0.
+        use_bias: add ``expert_bias`` to the selection scores (V3). With False the bias is
+            ignored and a group's score is its max score (V3 code's no-bias path).
+
+    Attributes:
+        weight: Parameter [E, D].
+        expert_bias: float32 buffer [E], persistent; updated outside forward by the balancer.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_experts: int,
+        top_k: int,
+        *,
+        n_group: int = 1,
+        topk_group: int = 1,
+        score_func: str = "sigmoid",
+        route_scale: float = 1.0,
+        norm_topk_prob: bool = True,
+        top_p: float | None = None,
+        use_bias: bool = True,
+    ) -> None:
+        super().__init__()
+        _check_int("d_model", d_model, 1)
+        _check_int("n_routed_experts", n_experts, 1)
+        _check_int("n_expert_per_token", top_k, 1)
+        _check_int("n_group", n_group, 1)
+        _check_int("topk_group", topk_group, 1)
+        if n_experts % n_group != 0:
+            raise ValueError(
+                f"n_routed_experts ({n_experts}) must be divisible by n_group ({n_group})"
+            )
+        if topk_group > n_group:
+            raise ValueError(f"topk_group ({topk_group}) must be <= n_group ({n_group})")
+        if score_func not in SCORE_FUNCS:
+            raise ValueError(f"score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
+        if not math.isfinite(route_scale) or route_scale <= 0:
+            raise ValueError(f"route_scale must be a positive finite float, got {route_scale}")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+        self.d_model = d_model
+        self.n_experts = n_experts
+        self.top_k = top_k
+        self.n_group = n_group
+        self.topk_group = topk_group
+        self.score_func = score_func
+        self.route_scale = float(route_scale)
+        self.norm_topk_prob = norm_topk_prob
+        self.top_p = top_p
+        self.use_bias = use_bias
+        self.max_k = topk_group * (n_experts // n_group)  # experts reachable in kept groups
+        self._check_k(top_k, "n_expert_per_token")
+        self.weight = nn.Parameter(torch.empty(n_experts, d_model))
+        self.register_buffer("expert_bias", torch.zeros(n_experts, dtype=torch.float32))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.uniform_(self.weight, -1.0 / math.sqrt(self.d_model), 1.0 / math.sqrt(self.d_model))
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        """Keep ``expert_bias`` float32 through ``.to(bf16)`` / ``.half()`` (values untouched)."""
+        bias = self.expert_bias
+        super()._apply(fn, recurse)
+        if self.expert_bias.dtype != torch.float32:
+            self.expert_bias = bias.to(device=self.expert_bias.device, dtype=torch.float32)
+        return self
+
+    def _check_k(self, k: object, name: str = "k") -> int:
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(f"{name} must be an int, got {type(k).__name__}")
+        if not 1 <= k <= self.max_k:
+            raise ValueError(
+                f"{name} must be in [1, {self.max_k}] (n_routed_experts={self.n_experts}, "
+                f"reachable in topk_group={self.topk_group} of n_group={self.n_group} groups), "
+                f"got {k}"
+            )
+        return k
+
+    def forward(self, x_TD: Tensor, k: int | None = None) -> RouterOutput:
+        """Route T tokens. x_TD: [T, D] floating; k: slots per token (default top_k)."""
+        if not isinstance(x_TD, Tensor) or x_TD.dim() != 2 or x_TD.shape[1] != self.d_model:
+            shape = tuple(x_TD.shape) if isinstance(x_TD, Tensor) else type(x_TD).__name__
+            raise ValueError(f"x_TD must be [T, {self.d_model}], got {shape}")
+        if not x_TD.is_floating_point():
+            raise TypeError(f"x_TD must be a floating tensor, got {x_TD.dtype}")
+        k = self._check_k(self.top_k if k is None else k)
+
+        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        if self.score_func == "sigmoid":
+            scores_TE = torch.sigmoid(logits_TE)
+        else:
+            scores_TE = torch.softmax(logits_TE, dim=-1)
+
+        with torch.no_grad():  # selection is discrete: no gradient flows through it
+            sel_TE = scores_TE + self.expert_bias if self.use_bias else scores_TE
+            if self.n_group > 1:
+                sel_TE = self._limit_groups(sel_TE)
+            ids_TK = _sort_desc(sel_TE)[1][:, :k]
+        weights_TK = scores_TE.gather(1, ids_TK)  # unbiased scores: the bias never enters here
+
+        if self.top_p is not None:
+            ids_TK, weights_TK = self._top_p(ids_TK, weights_TK)
+        if self.norm_topk_prob:
+            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        weights_TK = weights_TK * self.route_scale
+
+        valid = ids_TK >= 0
+        counts_E = torch.bincount(ids_TK[valid], minlength=self.n_experts)
+        return RouterOutput(logits_TE, scores_TE, ids_TK, weights_TK, counts_E)
+
+    def _limit_groups(self, sel_TE: Tensor) -> Tensor:
+        """Set the experts of all but the best topk_group groups to -inf (never 0)."""
+        T = sel_TE.shape[0]
+        sel_TGe = sel_TE.view(T, self.n_group, -1)
+        if self.use_bias and sel_TGe.shape[-1] >= 2:
+            group_TG = _sort_desc(sel_TGe)[0][..., :2].sum(dim=-1)
+        else:
+            group_TG = sel_TGe.amax(dim=-1)
+        keep_TG = _sort_desc(group_TG)[1][:, : self.topk_group]
+        drop_TG = torch.ones_like(group_TG, dtype=torch.bool).scatter_(1, keep_TG, False)
+        return sel_TGe.masked_fill(drop_TG.unsqueeze(-1), float("-inf")).view(T, -1)
+
+    def _top_p(self, ids_TK: Tensor, weights_TK: Tensor) -> tuple[Tensor, Tensor]:
+        """Keep the fewest candidates (by unbiased score) whose normalised scores reach top_p."""
+        with torch.no_grad():
+            order_TK = _sort_desc(weights_TK)[1]
+        ids_TK = ids_TK.gather(1, order_TK)
+        weights_TK = weights_TK.gather(1, order_TK)
+        with torch.no_grad():
+            p_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+            before_TK = p_TK.cumsum(dim=-1) - p_TK  # mass of the better candidates
+            keep_TK = before_TK < self.top_p - 1e-6  # first slot always kept
+            keep_TK[:, 0] = True
+        ids_TK = ids_TK.masked_fill(~keep_TK, -1)
+        weights_TK = weights_TK.masked_fill(~keep_TK, 0.0)
+        return ids_TK, weights_TK
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, n_experts={self.n_experts}, top_k={self.top_k}, "
+            f"n_group={self.n_group}, topk_group={self.topk_group}, "
+            f"score_func={self.score_func}, route_scale={self.route_scale}, top_p={self.top_p}"
+        )

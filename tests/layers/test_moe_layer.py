@@ -1,0 +1,231 @@
+"""DeepSeekMoE fast path vs the per-expert loop; experts and dispatcher vs their references."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deepsuite.layers.moe import DeepSeekMoE, GroupedExperts, LocalDispatcher, dispatch_reference
+
+
+def _grads(m, x, out, g):
+    params = [x, *m.parameters()]
+    return torch.autograd.grad(out, params, g, allow_unused=True)
+
+
+def _compare_fast_and_reference(m, x, k=None):
+    out, logits = m(x, k)
+    ref, ref_logits = m.forward_reference(x, k)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, ref_logits)
+    g = torch.randn_like(out)
+    for name, a, b in zip(
+        ["x", *dict(m.named_parameters())], _grads(m, x, out, g), _grads(m, x, ref, g), strict=True
+    ):
+        if a is None or b is None:
+            assert (a is None and b is None) or torch.count_nonzero(a if b is None else b) == 0, name
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    return out
+
+
+@pytest.mark.parametrize("score_func,n_group,topk_group", [("sigmoid", 4, 2), ("softmax", 1, 1)])
+def test_fast_equals_loop_reference_outputs_and_grads(score_func, n_group, topk_group):
+    torch.manual_seed(0)
+    m = DeepSeekMoE(
+        16,
+        2,
+        8,
+        3,
+        12,
+        n_group=n_group,
+        topk_group=topk_group,
+        score_func=score_func,
+        route_scale=2.5,
+        seq_aux_alpha=0.01,
+    )
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    _compare_fast_and_reference(m, x)
+    _compare_fast_and_reference(m, x, k=1)  # a smaller k at inference
+
+
+def test_experts_receiving_zero_tokens():
+    torch.manual_seed(0)
+    m = DeepSeekMoE(16, 1, 8, 2, 12)
+    with torch.no_grad():
+        m.router.expert_bias.copy_(torch.tensor([5.0, 5.0, 0, 0, 0, 0, 0, 0]))  # all go to 0 and 1
+    x = torch.randn(5, 16, requires_grad=True)
+    _compare_fast_and_reference(m, x)
+    assert m.last_stats.counts_E.tolist() == [5, 5, 0, 0, 0, 0, 0, 0]
+    out, _ = m(x)
+    out.sum().backward()
+    assert torch.count_nonzero(m.experts.gate_proj.grad[2:]) == 0
+    assert torch.count_nonzero(m.experts.gate_proj.grad[:2]) > 0
+
+
+def test_top_p_variable_counts():
+    torch.manual_seed(1)
+    m = DeepSeekMoE(16, 0, 8, 4, 12, top_p=0.6, seq_aux_alpha=0.1, aux_loss_alpha=0.1)
+    with torch.no_grad():
+        m.router.weight.mul_(8)  # peaked scores: tokens take different numbers of experts
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    _compare_fast_and_reference(m, x)
+    n = (m.router(x.reshape(-1, 16)).ids_TK >= 0).sum(1)
+    assert n.unique().numel() > 1
+    assert int(m.last_stats.counts_E.sum()) == int(n.sum())
+    torch.testing.assert_close(m.last_stats.experts_per_token, n.float().mean())
+    assert m.aux_loss is not None and m.aux_loss.requires_grad
+
+
+def test_grouped_experts_fast_equals_loop_including_empty_experts():
+    torch.manual_seed(0)
+    ex = GroupedExperts(5, 6, 4).double()
+    counts = torch.tensor([3, 0, 4, 0, 2])
+    x = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
+    y, y_ref = ex(x, counts), ex.forward_reference(x, counts.tolist())
+    torch.testing.assert_close(y, y_ref)
+    params = [x, ex.gate_proj, ex.up_proj, ex.down_proj]
+    g = torch.randn_like(y)
+    for a, b in zip(
+        torch.autograd.grad(y, params, g), torch.autograd.grad(y_ref, params, g), strict=True
+    ):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(lambda *p: ex(p[0], counts), (x,))
+    with pytest.raises(ValueError, match="counts_L"):
+        ex(x, [3, 0, 4, 0, 1])
+    with pytest.raises(ValueError, match="x_ND"):
+        ex(x[:, :5], counts)
+
+
+def test_slice_experts_shares_no_storage():
+    ex = GroupedExperts(6, 4, 3)
+    part = ex.slice_experts(2, 5)
+    assert part.n_experts == 3 and torch.equal(part.up_proj, ex.up_proj[2:5])
+    with torch.no_grad():
+        part.up_proj.zero_()
+    assert torch.count_nonzero(ex.up_proj[2:5]) > 0
+    with pytest.raises(ValueError, match="start"):
+        ex.slice_experts(4, 4)
+
+
+def test_layer_works_with_swapped_experts_and_dispatcher():
+    """What expert parallelism does from outside: replace experts and dispatcher."""
+    torch.manual_seed(0)
+    m = DeepSeekMoE(8, 1, 4, 2, 6)
+    x = torch.randn(10, 8)
+    want, _ = m(x)
+    m.experts = m.experts.slice_experts(0, 4)
+    m.dispatcher = LocalDispatcher(4)
+    torch.testing.assert_close(m(x)[0], want)
+
+
+@settings(max_examples=30, deadline=None)
+@given(T=st.integers(0, 12), E=st.integers(1, 6), data=st.data())
+def test_dispatch_combine_identity_gives_k_times_x(T, E, data):
+    K = data.draw(st.integers(1, E))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    ids = (
+        torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+        if T
+        else torch.zeros(0, K, dtype=torch.int64)
+    )
+    x = torch.randn(T, 3, generator=g, dtype=torch.float64)
+    d = LocalDispatcher(E)
+    x_ND, counts, state = d.dispatch(x, ids, torch.ones(T, K, dtype=torch.float64))
+    rows_ref, counts_ref = dispatch_reference(x, ids, E)
+    assert torch.equal(counts, counts_ref) and torch.equal(x_ND, rows_ref)
+    torch.testing.assert_close(d.combine(x_ND, state), K * x)
+
+
+def test_dispatch_skips_empty_slots_and_weights_get_grads():
+    d = LocalDispatcher(3)
+    x = torch.arange(6.0).reshape(3, 2).requires_grad_()
+    ids = torch.tensor([[2, -1], [0, 2], [-1, -1]])
+    w = torch.tensor([[0.5, 0.0], [0.25, 2.0], [0.0, 0.0]], requires_grad=True)
+    x_ND, counts, state = d.dispatch(x, ids, w)
+    assert counts.tolist() == [1, 0, 2] and x_ND[:, 0].tolist() == [2.0, 0.0, 2.0]
+    out = d.combine(x_ND * 10, state)
+    torch.testing.assert_close(out, torch.tensor([[0.0, 5.0], [45.0, 67.5], [0.0, 0.0]]))
+    out.sum().backward()
+    assert w.grad.tolist() == [[10.0, 0.0], [50.0, 50.0], [0.0, 0.0]]
+    assert x.grad.tolist() == [[5.0, 5.0], [22.5, 22.5], [0.0, 0.0]]
+
+
+def test_readme_snippet_full_size_on_meta_and_small_for_real():
+    from deepsuite.layers.moe import DeepSeekMoE as SeedMoE  # integrator re-exports this
+
+    with torch.device("meta"):
+        moe = SeedMoE(
+            d_model=2048,
+            n_shared_experts=1,
+            n_routed_experts=256,
+            n_expert_per_token=8,
+            expert_intermediate_size=8192,
+        )
+    per_expert = 3 * 2048 * 8192
+    assert sum(p.numel() for p in moe.parameters()) == 257 * per_expert + 256 * 2048
+    small = SeedMoE(
+        d_model=32,
+        n_shared_experts=1,
+        n_routed_experts=16,
+        n_expert_per_token=4,
+        expert_intermediate_size=24,
+    )
+    x = torch.randn(2, 5, 32)
+    output, router_logits = small(x)
+    assert output.shape == (2, 5, 32) and router_logits.shape == (10, 16)
+    assert router_logits.dtype == torch.float32
+
+
+def test_bf16_input_keeps_dtype_and_fp32_logits():
+    torch.manual_seed(0)
+    m = DeepSeekMoE(16, 1, 8, 2, 12).to(torch.bfloat16)
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    out, logits = m(x)
+    assert out.dtype == torch.bfloat16 and logits.dtype == torch.float32
+    assert m.router.expert_bias.dtype == torch.float32  # module casts leave the bias fp32
+    ref, _ = m.forward_reference(x)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="n_expert_per_token"):
+        DeepSeekMoE(8, 1, 4, 5, 6)
+    with pytest.raises(ValueError, match="topk_group"):
+        DeepSeekMoE(8, 1, 8, 2, 6, n_group=2, topk_group=3)
+    with pytest.raises(ValueError, match="divisible"):
+        DeepSeekMoE(8, 1, 6, 2, 6, n_group=4, topk_group=2)
+    with pytest.raises(ValueError, match="seq_aux_alpha"):
+        DeepSeekMoE(8, 1, 4, 2, 6, seq_aux_alpha=-1.0)
+    m = DeepSeekMoE(8, 1, 4, 2, 6)
+    with pytest.raises(ValueError, match=r"x must be \(B, S, 8\)"):
+        m(torch.randn(2, 3, 7))
+    with pytest.raises(ValueError, match="x must be"):
+        m(torch.randn(8))
+    with pytest.raises(TypeError, match="floating"):
+        m(torch.ones(2, 8, dtype=torch.int32))
+    with pytest.raises(ValueError, match="k must be in"):
+        m(torch.randn(2, 8), k=5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_grouped_mm_cuda_bf16_matches_reference():
+    torch.manual_seed(0)
+    ex = GroupedExperts(8, 64, 32).cuda().to(torch.bfloat16)
+    counts = torch.tensor([5, 0, 17, 3, 0, 40, 1, 14])
+    x = torch.randn(int(counts.sum()), 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = ex(x, counts.cuda())
+    y_ref = ex.forward_reference(x, counts)
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
+    params = [x, ex.gate_proj, ex.up_proj, ex.down_proj]
+    g = torch.randn_like(y)
+    for a, b in zip(
+        torch.autograd.grad(y, params, g), torch.autograd.grad(y_ref, params, g), strict=True
+    ):
+        torch.testing.assert_close(a.float(), b.float(), rtol=3e-2, atol=3e-2)
+    m = DeepSeekMoE(64, 1, 8, 2, 32).cuda().to(torch.bfloat16)
+    xb = torch.randn(3, 50, 64, device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(
+        m(xb)[0].float(), m.forward_reference(xb)[0].float(), rtol=3e-2, atol=3e-2
+    )
