@@ -1,0 +1,201 @@
+"""Where documents come from: the built-in corpus, local files, or a hub dataset, via `datasets`.
+
+The built-in corpus needs no download and is real text not written for this project: it is found
+on the running interpreter. Part "docs" is the standard library's documentation text
+(``pydoc_data.topics.topics``, one document per topic, ~465 KB of English); part "source" is the
+standard library's own ``.py`` files (one document per file, sorted by path, excluding
+``site-packages`` and the ``test``/``tests``/``idlelib`` packages; ~11 MB on CPython 3.11).
+Its content therefore depends on the Python version, which is part of the cache key.
+
+Every loader returns a `datasets` (Iterable)Dataset with one column, ``text``, empty documents
+dropped and ``max_documents`` applied, in a fixed order. The validation split is every document
+whose index i satisfies floor((i+1) f) > floor(i f) for ``f = val_fraction``: exactly
+floor(n f) documents, evenly spread, disjoint from training, and the same rule in streaming mode.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import math
+import os
+import sys
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+BUILTIN_PARTS = ("docs", "source")
+_SKIP_DIRS = frozenset(
+    {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
+)
+_BUILDERS = {
+    ".txt": "text",
+    ".text": "text",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+}
+
+
+def builtin_source_files() -> list[Path]:
+    """The standard library's ``.py`` files on this interpreter, sorted by relative path."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [
+        f for f in root.rglob("*.py") if not (_SKIP_DIRS & set(f.relative_to(root).parts[:-1]))
+    ]
+    return sorted(files, key=lambda f: f.relative_to(root).as_posix())
+
+
+def builtin_documents(parts: list[str] | tuple[str, ...]) -> Iterator[dict[str, str]]:
+    """Yield ``{"text": ...}`` for the built-in corpus parts, in a fixed order ("docs" first)."""
+    bad = [p for p in parts if p not in BUILTIN_PARTS]
+    if bad or not parts:
+        raise ValueError(
+            f"data.builtin_parts must be a non-empty subset of {list(BUILTIN_PARTS)}, got {parts!r}"
+        )
+    if "docs" in parts:
+        from pydoc_data.topics import topics
+
+        for key in sorted(topics):
+            yield {"text": topics[key]}
+    if "source" in parts:
+        for f in builtin_source_files():
+            yield {"text": f.read_bytes().decode("utf-8", errors="replace")}
+
+
+def is_local_source(source: str) -> bool:
+    """True when ``data.source`` names local files (an existing path, a glob, or a known suffix)."""
+    return (
+        os.path.exists(source)
+        or any(c in source for c in "*?[")
+        or Path(source).suffix.lower() in _BUILDERS
+        or source.startswith(("/", "./", "../", "~"))
+    )
+
+
+def resolve_local_files(source: str) -> list[str]:
+    """Expand a local file / directory / glob into a sorted list of data files of one known type.
+
+    Raises ``ValueError`` naming ``data.source`` when nothing matches or types are mixed.
+    """
+    src = os.path.expanduser(source)
+    if os.path.isdir(src):
+        files = [
+            str(p) for p in Path(src).rglob("*") if p.is_file() and p.suffix.lower() in _BUILDERS
+        ]
+    else:
+        files = [f for f in glob.glob(src, recursive=True) if os.path.isfile(f)]
+    files = sorted(files)
+    if not files:
+        raise ValueError(
+            f"data.source: no data files found at {source!r} (expected {sorted(_BUILDERS)})"
+        )
+    kinds = {_BUILDERS.get(Path(f).suffix.lower()) for f in files}
+    if None in kinds or len(kinds) != 1:
+        raise ValueError(
+            f"data.source: files at {source!r} must all be one of {sorted(_BUILDERS)}, got suffixes "
+            f"{sorted({Path(f).suffix for f in files})}"
+        )
+    return files
+
+
+def corpus_key(cfg: Any) -> dict[str, Any]:
+    """What determines the document sequence (before tokenisation); hashed into cache keys."""
+    key: dict[str, Any] = {
+        "source": cfg.source,
+        "text_field": cfg.text_field,
+        "max_documents": int(cfg.max_documents),
+        "val_fraction": float(cfg.val_fraction),
+    }
+    if cfg.source == "builtin":
+        key["builtin_parts"] = list(cfg.builtin_parts)
+        key["python"] = [sys.version, sysconfig.get_paths()["stdlib"]]
+    elif is_local_source(cfg.source):
+        files = resolve_local_files(cfg.source)
+        key["files"] = [
+            [os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f)] for f in files
+        ]
+    return key
+
+
+def key_hash(obj: Any) -> str:
+    """A short stable hash of a JSON-able object."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def is_val_index(i: int, val_fraction: float) -> bool:
+    """Document ``i`` belongs to the validation split (exactly floor(n f) of the first n do)."""
+    return math.floor((i + 1) * val_fraction) > math.floor(i * val_fraction)
+
+
+def _raw_dataset(cfg: Any, streaming: bool, hf_cache: str) -> Any:
+    import datasets
+
+    if cfg.source == "builtin":
+        parts = tuple(cfg.builtin_parts)
+        if streaming:
+            return datasets.IterableDataset.from_generator(
+                builtin_documents, gen_kwargs={"parts": parts}
+            )
+        return datasets.Dataset.from_list(list(builtin_documents(parts)))
+    if is_local_source(cfg.source):
+        files = resolve_local_files(cfg.source)
+        builder = _BUILDERS[Path(files[0]).suffix.lower()]
+        # One .txt file is one document: document boundaries are file boundaries.
+        extra = {"sample_by": "document"} if builder == "text" else {}
+        return datasets.load_dataset(
+            builder,
+            data_files=files,
+            split="train",
+            streaming=streaming,
+            cache_dir=hf_cache,
+            **extra,
+        )
+    try:
+        return datasets.load_dataset(
+            cfg.source, split="train", streaming=streaming, cache_dir=hf_cache
+        )
+    except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, ...)
+        raise ValueError(
+            f"data.source: {cfg.source!r} is not a local file/dir/glob and could not be loaded as a "
+            f"hub dataset ({type(e).__name__}: {e})"
+        ) from e
+
+
+def load_documents(cfg: Any, split: str, *, streaming: bool, hf_cache: str) -> Any:
+    """Documents of one split as a `datasets` (Iterable)Dataset with a single ``text`` column.
+
+    ``split`` is "train" or "val". Non-streaming raises ``ValueError`` on an empty corpus or a
+    missing ``text_field`` right here; streaming checks lazily (the loader probes it at build).
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    ds = _raw_dataset(cfg, streaming, hf_cache)
+    field = "text" if cfg.source == "builtin" else cfg.text_field
+    names = ds.column_names
+    if names is not None and field not in names:
+        raise ValueError(f"data.text_field: column {field!r} not in the corpus columns {names}")
+    if names is not None:
+        ds = ds.select_columns([field])
+    if field != "text":
+        ds = ds.rename_column(field, "text")
+    ds = ds.filter(lambda b: [isinstance(t, str) and len(t) > 0 for t in b["text"]], batched=True)
+    if cfg.max_documents:
+        ds = (
+            ds.take(cfg.max_documents)
+            if streaming
+            else ds.select(range(min(cfg.max_documents, len(ds))))
+        )
+    if not streaming and len(ds) == 0:
+        raise ValueError(
+            f"data.source: corpus {cfg.source!r} has no non-empty documents in field {field!r}"
+        )
+    want_val = split == "val"
+    f = float(cfg.val_fraction)
+    return ds.filter(
+        lambda b, idx: [is_val_index(i, f) == want_val for i in idx],
+        batched=True,
+        with_indices=True,
+    )

@@ -1,0 +1,174 @@
+"""Tokenizers for the data pipeline: byte-level (default), locally trained BPE, or a local HF dir.
+
+Every tokenizer exposes the same small surface the pipeline and the trainer use:
+``vocab_size`` (int), ``eos_id`` (the document separator id), ``encode(str) -> list[int]``,
+``encode_batch(list[str]) -> list[list[int]]``, ``decode(list[int]) -> str`` and ``fingerprint``
+(a string that changes whenever the mapping text -> ids changes; it keys the token cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+EOS_TOKEN = "<|endoftext|>"
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What the pipeline needs from a tokenizer."""
+
+    vocab_size: int
+    eos_id: int
+    fingerprint: str
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255 and one separator id 256; needs no download and no training.
+
+    ``decode`` is the exact inverse of ``encode`` for any str (separators are dropped).
+    """
+
+    vocab_size: int = 257
+    eos_id: int = 256
+    fingerprint: str = "byte-v1"
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [list(t.encode("utf-8")) for t in texts]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """Wraps a ``tokenizers.Tokenizer`` (fast, Rust) as a pipeline tokenizer.
+
+    ``eos_id`` is the first special token found among ``eos_candidates``; ``ValueError`` when none.
+    """
+
+    def __init__(
+        self,
+        tok: Any,
+        *,
+        fingerprint: str,
+        eos_candidates: Sequence[str] = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<s>"),
+    ) -> None:
+        self._tok = tok
+        self.fingerprint = fingerprint
+        self.vocab_size = int(tok.get_vocab_size(with_added_tokens=True))
+        eos = next(
+            (tok.token_to_id(t) for t in eos_candidates if tok.token_to_id(t) is not None), None
+        )
+        if eos is None:
+            raise ValueError(
+                f"data.tokenizer: tokenizer has none of the separator tokens {list(eos_candidates)}; "
+                "add an EOS token to it"
+            )
+        self.eos_id = int(eos)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [list(e.ids) for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file and rename, so concurrent ranks never read a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, out_file: str | Path) -> HFTokenizer:
+    """Train a byte-level BPE on ``texts`` with the ``tokenizers`` library; save it to ``out_file``.
+
+    Byte-level pre-tokenisation and decoding make ``decode(encode(s)) == s`` for every str.
+    ``vocab_size`` counts the 256 byte symbols and the separator, so it must be >= 257.
+    """
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    if not isinstance(vocab_size, int) or vocab_size < 257:
+        raise ValueError(
+            f"data.bpe_vocab_size must be an int >= 257 (256 bytes + EOS), got {vocab_size!r}"
+        )
+    tok = RustTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(iter(texts), trainer=trainer)
+    text = tok.to_str()
+    _atomic_write_text(Path(out_file), text)
+    return HFTokenizer(tok, fingerprint="tok-" + hashlib.sha256(text.encode()).hexdigest()[:16])
+
+
+def load_hf_tokenizer(path: str | Path) -> HFTokenizer:
+    """Load a local Hugging Face tokenizer: a ``tokenizer.json`` file or a directory holding one.
+
+    Directories without ``tokenizer.json`` (e.g. sentencepiece only) are converted with
+    ``transformers.AutoTokenizer`` (local files only, no network).
+    """
+    from tokenizers import Tokenizer as RustTokenizer
+
+    p = Path(path)
+    file = p if p.is_file() else p / "tokenizer.json"
+    if file.is_file():
+        text = file.read_text(encoding="utf-8")
+        tok = RustTokenizer.from_str(text)
+    elif p.is_dir():
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        if not getattr(hf, "is_fast", False):
+            raise ValueError(f"data.tokenizer: {p} holds no tokenizer.json and no fast tokenizer")
+        tok = hf.backend_tokenizer
+        text = tok.to_str()
+    else:
+        raise ValueError(
+            f"data.tokenizer: expected 'byte', 'bpe' or a local tokenizer dir/file, got {str(path)!r} "
+            "(no such file or directory)"
+        )
+    return HFTokenizer(tok, fingerprint="tok-" + hashlib.sha256(text.encode()).hexdigest()[:16])
+
+
+def tokenizer_from_spec(
+    spec: str, *, bpe_vocab_size: int, bpe_texts: Iterator[str] | None, bpe_file: Path
+) -> Tokenizer:
+    """Resolve ``data.tokenizer``: 'byte', 'bpe' (load ``bpe_file`` or train it on ``bpe_texts``) or a path."""
+    if spec == "byte":
+        return ByteTokenizer()
+    if spec == "bpe":
+        if bpe_file.is_file():
+            return load_hf_tokenizer(bpe_file)
+        if bpe_texts is None:
+            raise ValueError("data.tokenizer='bpe' needs training texts and none were given")
+        return train_bpe(bpe_texts, bpe_vocab_size, bpe_file)
+    return load_hf_tokenizer(spec)
+
+
+def describe(tok: Tokenizer) -> str:
+    """A one-line JSON summary for logs."""
+    return json.dumps({"vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "fp": tok.fingerprint})
