@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -92,16 +93,34 @@ class WandbRun:
     config: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    finished: bool = False  # the run's exit record was found
 
     def series(self, key: str) -> dict[int, Any]:
         """step -> value of `key` over the history rows that hold it."""
         return {int(h["_step"]): h[key] for h in self.history if key in h}
 
 
-def read_offline_run(path: str | Path) -> WandbRun:
-    """Reads a `.wandb` file, an `offline-run-*` directory, or a WANDB_DIR (latest run)."""
+def read_offline_run(path: str | Path, *, wait_s: float = 30.0) -> WandbRun:
+    """Reads a `.wandb` file, an `offline-run-*` directory, or a WANDB_DIR (latest run).
+
+    `run.finish()` returns before wandb's service process has written the file out, so this
+    re-reads for up to `wait_s` seconds until the run's exit record is there (`finished`);
+    wait_s=0 reads what is there now (a live run).
+    """
+    if wait_s < 0:
+        raise ValueError(f"wait_s must be >= 0 (seconds), got {wait_s}")
+    file = find_run_file(path)
+    deadline = time.monotonic() + wait_s
+    while True:
+        run = _read_once(file)
+        if run.finished or time.monotonic() >= deadline:
+            return run
+        time.sleep(0.1)
+
+
+def _read_once(file: Path) -> WandbRun:
     run = WandbRun()
-    for rec in iter_records(find_run_file(path)):
+    for rec in iter_records(file):
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             r = rec.run
@@ -120,6 +139,8 @@ def read_offline_run(path: str | Path) -> WandbRun:
         elif kind == "summary":
             for item in rec.summary.update:
                 _put(run.summary, item)
+        elif kind == "exit":
+            run.finished = True
     run.config.pop("_wandb", None)
     return run
 
