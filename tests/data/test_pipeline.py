@@ -125,3 +125,31 @@ def test_val_smaller_than_a_global_batch_raises(make_cfg):
         PackedLoader(make_cfg(seq_len=64), ByteTokenizer(), "val", 8, dp_rank=0, dp_size=4)
     with pytest.raises(ValueError, match=r"data\.val_fraction"):
         PackedLoader(make_cfg(val_fraction=0.01), ByteTokenizer(), "val", 1)
+
+
+def test_num_proc_gives_the_same_stream(make_cfg, tmp_path):
+    one = make_cfg(cache_dir=str(tmp_path / "c1"))
+    two = make_cfg(cache_dir=str(tmp_path / "c2"), num_proc=2)
+    a, sa = token_stream(one, ByteTokenizer(), "train", one.cache_dir)
+    b, sb = token_stream(two, ByteTokenizer(), "train", two.cache_dir)
+    assert np.array_equal(a, b) and np.array_equal(sa, sb)
+
+
+def test_unknown_hub_dataset_offline_raises(make_cfg):
+    cfg = make_cfg(source="no-such-user/no-such-dataset-xyz")
+    with pytest.raises(ValueError, match=r"data\.source: 'no-such-user/no-such-dataset-xyz'"):
+        PackedLoader(cfg, ByteTokenizer(), "train", 1)
+
+
+def test_builtin_loader_yields_stdlib_text(make_cfg):
+    cfg = make_cfg(source="builtin", max_documents=100, val_fraction=0.05, seq_len=64)
+    tok = ByteTokenizer()
+    loader = PackedLoader(cfg, tok, "train", 4, shuffle=False)
+    first = next(loader)["input_ids"][0].tolist()
+    from pydoc_data.topics import topics
+
+    assert first[0] == tok.eos_id
+    assert tok.decode(first[1:]) == topics[sorted(topics)[0]].encode()[:63].decode(
+        "utf-8", "replace"
+    )
+    assert len(PackedLoader(cfg, tok, "val", 4)) > 0
