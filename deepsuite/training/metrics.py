@@ -13,6 +13,7 @@ other lists become value histograms.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import numbers
@@ -20,7 +21,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -33,7 +34,9 @@ __all__ = [
     "MetricsLogger",
     "MoEStatsTracker",
     "comm_stats",
+    "iter_scalar_series",
     "max_vio",
+    "plain_config",
     "read_metrics",
 ]
 
@@ -73,6 +76,20 @@ def read_metrics(run_dir_or_file: str | Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
     return records
+
+
+def plain_config(config: Any) -> dict[str, Any]:
+    """The resolved config as plain dicts: a dict, any Mapping (OmegaConf DictConfig included,
+    resolved) or a dataclass instance."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return dataclasses.asdict(config)
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a dict, Mapping or dataclass, got {type(config).__name__}")
+    if type(config).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(config, resolve=True)  # type: ignore[return-value]
+    return {str(k): plain_config(v) if isinstance(v, Mapping) else v for k, v in config.items()}
 
 
 def _to_jsonable(key: str, v: Any) -> float | int | list[float | int]:
@@ -167,7 +184,8 @@ class MetricsLogger:
     wandb_mode: "online", "offline" (no network needed), "disabled", or None to take WANDB_MODE
     (default "disabled"). project / name / group / tags default to WANDB_PROJECT, WANDB_NAME,
     WANDB_RUN_GROUP, WANDB_TAGS (comma-separated). If wandb is not importable, a warning is
-    given and the other sinks carry on. The resolved `config` is logged to wandb.
+    given and the other sinks carry on. The resolved `config` (dict, DictConfig or dataclass)
+    is logged to wandb.
     """
 
     def __init__(
@@ -175,7 +193,7 @@ class MetricsLogger:
         run_dir: str | Path,
         *,
         rank: int,
-        config: dict,
+        config: dict | Any,
         wandb_mode: str | None = "disabled",
         project: str | None = None,
         name: str | None = None,
@@ -187,8 +205,7 @@ class MetricsLogger:
     ) -> None:
         if not isinstance(rank, int) or rank < 0:
             raise ValueError(f"rank must be an int >= 0, got {rank!r}")
-        if not isinstance(config, dict):
-            raise TypeError(f"config must be a dict (the resolved config), got {type(config)}")
+        config = plain_config(config)
         mode = wandb_mode if wandb_mode is not None else os.environ.get("WANDB_MODE", "disabled")
         if mode not in WANDB_MODES:
             raise ValueError(f"wandb_mode must be one of {WANDB_MODES}, got {mode!r}")

@@ -255,3 +255,20 @@ def test_wandb_not_importable_falls_back_to_jsonl(tmp_path):
     assert rec["moe/layer1/max_vio"] == pytest.approx(0.5)
     assert rec["moe/layer1/bias"] == [0.0, 0.1]
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["step"] == 7
+
+
+def test_plain_config_accepts_omegaconf_and_dataclasses():
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from deepsuite.training.metrics import plain_config
+
+    @dataclasses.dataclass
+    class C:
+        lr: float = 0.1
+
+    assert plain_config(OmegaConf.create({"a": {"b": "${c}"}, "c": 2})) == {"a": {"b": 2}, "c": 2}
+    assert plain_config(C()) == {"lr": 0.1}
+    with pytest.raises(TypeError, match="config"):
+        plain_config([1, 2])

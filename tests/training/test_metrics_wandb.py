@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import numpy as np
@@ -94,3 +95,22 @@ def test_reader_rejects_foreign_and_corrupt_files(tmp_path):
         list(iter_records(corrupt))
     with pytest.raises(ValueError, match="no offline wandb run"):
         find_run_file(tmp_path / "run")
+
+
+def test_run_identity_from_wandb_env_and_dataclass_config(tmp_path, monkeypatch):
+    @dataclasses.dataclass
+    class Optim:
+        lr: float = 1e-3
+
+    monkeypatch.setenv("WANDB_PROJECT", "envproj")
+    monkeypatch.setenv("WANDB_NAME", "envname")
+    monkeypatch.setenv("WANDB_RUN_GROUP", "envgroup")
+    monkeypatch.setenv("WANDB_TAGS", "t1,t2")
+    with MetricsLogger(tmp_path / "run", rank=0, config=Optim(), wandb_mode="offline",
+                       console=False) as lg:  # fmt: skip
+        lg.log({"loss/train": 1.0}, step=0)
+    run = read_offline_run(tmp_path / "wandb_dir")
+    assert (run.project, run.name, run.group, run.tags) == ("envproj", "envname", "envgroup",
+                                                            ["t1", "t2"])  # fmt: skip
+    assert run.config == {"lr": 1e-3}
+    assert run.series("loss/train") == {0: 1.0}
