@@ -27,7 +27,7 @@ from deepsuite.data.corpus import (
     load_documents,
     resolve_local_files,
 )
-from deepsuite.data.tokenizer import Tokenizer, tokenizer_from_spec
+from deepsuite.data.tokenizer import Tokenizer, _atomic_write_text, tokenizer_from_spec
 
 STREAM_VERSION = 1
 
@@ -206,7 +206,7 @@ def token_stream(
         _atomic_save(tok_file, np.concatenate(chunks))
         _atomic_save(start_file, starts)
         meta = {"key": corpus_key(cfg), "tokenizer": tok.fingerprint, "docs": len(starts)}
-        (d / f"{split}.meta.json").write_text(json.dumps(meta, indent=1))
+        _atomic_write_text(d / f"{split}.meta.json", json.dumps(meta, indent=1))
     return np.load(tok_file, mmap_mode="r"), np.load(start_file)
 
 
