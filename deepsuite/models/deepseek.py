@@ -1,0 +1,217 @@
+"""A DeepSeek-V3-style decoder LM assembled from ``deepsuite.layers``.
+
+Blocks are pre-norm: x + MLA(RMSNorm(x)), then x + FFN(RMSNorm(x)) where the FFN is a dense SwiGLU
+for the first ``n_dense_layers`` blocks and DeepSeekMoE after. Optional multi-token prediction
+(DeepSeek-V3 MTP): D sequential modules sharing the embedding and the output head, module k
+predicting token t+k+1 from the depth-(k-1) hidden state and the embedding of token t+k.
+
+Letters: B batch, S sequence, D model dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from deepsuite.config import Config
+from deepsuite.layers.attention import MultiHeadLatentAttention
+from deepsuite.layers.mlp import SwiGLU
+from deepsuite.layers.moe import DeepSeekMoE
+
+IGNORE_INDEX = -100
+
+
+def build_attention(cfg: Config) -> MultiHeadLatentAttention:
+    m, a = cfg.model, cfg.mla
+    return MultiHeadLatentAttention(
+        dim=m.dim,
+        n_heads=m.n_heads,
+        q_lora_rank=a.q_lora_rank,
+        kv_lora_rank=a.kv_lora_rank,
+        qk_nope_head_dim=a.qk_nope_head_dim,
+        qk_rope_head_dim=a.qk_rope_head_dim,
+        v_head_dim=a.v_head_dim,
+        max_seq_len=m.max_seq_len,
+        rope_theta=a.rope_theta,
+        rope_scaling=a.rope_scaling_dict(),
+        norm_eps=m.norm_eps,
+    )
+
+
+def build_moe(cfg: Config) -> DeepSeekMoE:
+    e = cfg.moe
+    return DeepSeekMoE(
+        d_model=cfg.model.dim,
+        n_shared_experts=e.n_shared_experts,
+        n_routed_experts=e.n_routed_experts,
+        n_expert_per_token=e.n_expert_per_token,
+        expert_intermediate_size=e.expert_intermediate_size,
+        n_group=e.n_group,
+        topk_group=e.topk_group,
+        score_func=e.score_func,
+        route_scale=e.route_scale,
+        norm_topk_prob=e.norm_topk_prob,
+        top_p=e.top_p or None,
+        seq_aux_alpha=e.seq_aux_alpha,
+        aux_loss_alpha=e.aux_loss_alpha,
+        bias_update_speed=e.bias_update_speed,
+        bias_recenter=e.bias_recenter,
+    )
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: MLA then a dense SwiGLU or a DeepSeekMoE."""
+
+    def __init__(self, cfg: Config, moe: bool) -> None:
+        super().__init__()
+        dim, eps = cfg.model.dim, cfg.model.norm_eps
+        self.attn_norm = nn.RMSNorm(dim, eps=eps)
+        self.attn = build_attention(cfg)
+        self.ffn_norm = nn.RMSNorm(dim, eps=eps)
+        self.ffn: nn.Module = build_moe(cfg) if moe else SwiGLU(dim, cfg.model.inter_dim)
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.ffn, DeepSeekMoE)
+
+    def forward(
+        self,
+        x_BSD: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+    ) -> Tensor:
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), attention_mask, position_ids=position_ids)
+        h = self.ffn_norm(x_BSD)
+        out = self.ffn(h)
+        if isinstance(out, tuple):  # DeepSeekMoE returns (output, router_logits)
+            out = out[0]
+        return x_BSD + out
+
+
+class MTPModule(nn.Module):
+    """One DeepSeek-V3 multi-token-prediction depth: h' = Block(W [RMSNorm(h); RMSNorm(emb)])."""
+
+    def __init__(self, cfg: Config, moe: bool) -> None:
+        super().__init__()
+        dim, eps = cfg.model.dim, cfg.model.norm_eps
+        self.hidden_norm = nn.RMSNorm(dim, eps=eps)
+        self.embed_norm = nn.RMSNorm(dim, eps=eps)
+        self.proj = nn.Linear(2 * dim, dim, bias=False)
+        self.block = Block(cfg, moe=moe)
+
+    def forward(self, h_BSD: Tensor, emb_BSD: Tensor, position_ids: Tensor | None = None) -> Tensor:
+        joined = torch.cat([self.hidden_norm(h_BSD), self.embed_norm(emb_BSD)], dim=-1)
+        return self.block(self.proj(joined), position_ids=position_ids)
+
+
+@dataclass
+class LMOutput:
+    logits: Tensor  # (B, S, V)
+    loss: Tensor | None = None  # total: lm + mtp + moe auxiliary losses
+    lm_loss: Tensor | None = None
+    mtp_loss: Tensor | None = None
+    moe_aux_loss: Tensor | None = None
+
+
+class DeepSeekLM(nn.Module):
+    """Decoder-only MoE language model with MLA attention and optional MTP."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        m = cfg.model
+        if m.vocab_size <= 0:
+            raise ValueError(
+                "model.vocab_size: expected a positive size (resolve 0 from the tokenizer first)"
+            )
+        self.cfg = cfg
+        self.embed = nn.Embedding(m.vocab_size, m.dim)
+        self.layers = nn.ModuleList(
+            Block(cfg, moe=i >= m.n_dense_layers) for i in range(m.n_layers)
+        )
+        self.norm = nn.RMSNorm(m.dim, eps=m.norm_eps)
+        self.head = nn.Linear(m.dim, m.vocab_size, bias=False)
+        if m.tie_embeddings:
+            self.head.weight = self.embed.weight
+        moe_mtp = m.n_dense_layers < m.n_layers
+        self.mtp = nn.ModuleList(MTPModule(cfg, moe=moe_mtp) for _ in range(m.mtp_depth))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights; output projections scaled by 1/sqrt(2 n_layers) (GPT-2)."""
+        std = self.cfg.model.init_std
+        out_std = std / math.sqrt(2 * self.cfg.model.n_layers)
+        for name, p in self.named_parameters():
+            if p.is_meta:
+                continue
+            if p.dim() == 1:  # norm gains
+                p.fill_(1.0)
+            elif name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")):
+                p.normal_(0.0, out_std)
+            else:
+                p.normal_(0.0, std)
+
+    def moe_layers(self) -> list[DeepSeekMoE]:
+        """Every DeepSeekMoE in the model (main blocks first, then MTP blocks), in a fixed order."""
+        return [m for m in self.modules() if isinstance(m, DeepSeekMoE)]
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+    ) -> LMOutput:
+        """input_ids (B, S) int64; labels (B, S) with IGNORE_INDEX for positions without a target."""
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"input_ids: expected an integer (batch, seq) tensor, got {tuple(input_ids.shape)} {input_ids.dtype}"
+            )
+        emb_BSD = self.embed(input_ids)
+        h_BSD = emb_BSD
+        for layer in self.layers:
+            h_BSD = layer(h_BSD, attention_mask, position_ids)
+        logits = self.head(self.norm(h_BSD))
+        if labels is None:
+            return LMOutput(logits=logits)
+
+        vocab = logits.shape[-1]
+        lm_loss = F.cross_entropy(
+            logits.float().view(-1, vocab), labels.reshape(-1), ignore_index=IGNORE_INDEX
+        )
+        total = lm_loss
+        mtp_loss = None
+        if len(self.mtp):
+            mtp_loss = self._mtp_loss(h_BSD, emb_BSD, labels, position_ids)
+            total = total + self.cfg.model.mtp_loss_weight * mtp_loss
+        aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+        moe_aux = torch.stack(aux).sum() if aux else None
+        if moe_aux is not None:
+            total = total + moe_aux
+        return LMOutput(
+            logits=logits, loss=total, lm_loss=lm_loss, mtp_loss=mtp_loss, moe_aux_loss=moe_aux
+        )
+
+    def _mtp_loss(
+        self, h_BSD: Tensor, emb_BSD: Tensor, labels: Tensor, position_ids: Tensor | None
+    ) -> Tensor:
+        """Mean over depths k of the cross-entropy for token t+k+1 (labels are already t+1)."""
+        losses = []
+        ignore = torch.full_like(labels[:, :1], IGNORE_INDEX)
+        target = labels
+        for module in self.mtp:
+            # depth k sees the embedding of token t+k (the previous depth's target) and predicts t+k+1
+            next_emb = self.embed(target.clamp_min(0))
+            target = torch.cat([target[:, 1:], ignore], dim=1)
+            h_BSD = module(h_BSD, next_emb, position_ids)
+            logits = self.head(self.norm(h_BSD)).float()
+            losses.append(
+                F.cross_entropy(
+                    logits.view(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX
+                )
+            )
+        return torch.stack(losses).mean()

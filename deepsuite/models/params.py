@@ -1,0 +1,59 @@
+"""Parameter counts of a config, total and activated per token, from a model built on the meta device.
+
+Convention (REFERENCES.md): "activated" counts every dense parameter (attention, dense FFNs, norms,
+the embedding table and the output head) plus, per MoE layer, the router, the shared experts and
+``n_expert_per_token`` routed experts. MTP modules are reported separately, as the report does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from deepsuite.config import Config
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    total: int  # main model, MTP excluded
+    activated: int  # per token, main model, MTP excluded
+    mtp: int  # all MTP modules (their embedding and head are shared, so not counted again)
+    expert: int  # routed-expert parameters of the main model
+
+    def __str__(self) -> str:
+        return (
+            f"total {self.total / 1e9:.2f}B, activated {self.activated / 1e9:.2f}B, "
+            f"routed experts {self.expert / 1e9:.2f}B, MTP {self.mtp / 1e9:.2f}B"
+        )
+
+
+def count_parameters(cfg: Config, vocab_size: int | None = None) -> ParamCount:
+    """Build the model on the meta device (no memory) and count its parameters."""
+    from deepsuite.models.deepseek import DeepSeekLM
+
+    if vocab_size is not None:
+        cfg.model.vocab_size = vocab_size
+    with torch.device("meta"):
+        model = DeepSeekLM(cfg)
+    return count_model_parameters(model)
+
+
+def count_model_parameters(model: torch.nn.Module) -> ParamCount:
+    """Counts for an instantiated :class:`DeepSeekLM` (meta or real); see the module docstring."""
+    cfg: Config = model.cfg  # type: ignore[assignment]
+    n_active_routed = cfg.moe.n_expert_per_token
+    total = activated = expert = mtp = 0
+    for name, p in model.named_parameters():  # shared (tied) tensors are listed once
+        n = p.numel()
+        if name.startswith("mtp."):
+            mtp += n
+            continue
+        total += n
+        if ".ffn.experts." in name:
+            expert += n
+            n_experts = p.shape[0]
+            activated += n // n_experts * n_active_routed
+        else:
+            activated += n
+    return ParamCount(total=total, activated=activated, mtp=mtp, expert=expert)

@@ -1,0 +1,361 @@
+"""The training loop: step -> balance update -> metrics -> eval -> checkpoint.
+
+One optimizer step runs ``grad_accum`` micro-batches through the DeepSpeed engine, then sums every
+MoE layer's token counts over all ranks and micro-batches in one all-reduce and moves the balancing
+bias once (identically on every rank). Launch with torchrun, the deepspeed launcher, accelerate or
+srun; the environment each sets is read by ``deepsuite.distributed.detect_env``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from deepsuite.config import Config, load_config
+from deepsuite.distributed.comm import guard_collectives
+from deepsuite.distributed.expert_parallel import (
+    moe_layers,
+    sync_and_update_bias,
+    verify_bias_identical,
+)
+from deepsuite.training import checkpoint as ckpt
+from deepsuite.training.engine import RunParts, build_run
+from deepsuite.training.metrics import MetricsLogger
+from deepsuite.training.moe_stats import MoEStatsTracker
+from deepsuite.training.schedule import bias_gamma
+
+
+class StopRequested:
+    """Set by SIGTERM / SIGUSR1 (preemption notice): save at the next step boundary and exit."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.signal = signum
+
+    def agreed(self) -> bool:
+        """True on every rank when any rank was signalled (one tiny all-reduce)."""
+        flag = torch.tensor([0 if self.signal is None else 1])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _layer_index(name: str, n_layers: int) -> int:
+    """'layers.3.ffn' -> 3; 'mtp.0.block.ffn' -> n_layers + 0 (MTP blocks follow the trunk)."""
+    parts = name.split(".")
+    return int(parts[1]) if parts[0] == "layers" else n_layers + int(parts[1])
+
+
+class Trainer:
+    def __init__(self, parts: RunParts) -> None:
+        self.p = parts
+        self.cfg: Config = parts.cfg
+        self.rank = parts.env.rank
+        self.ckpt_dir = parts.run_dir / "checkpoints"
+        self.step = 0
+        self.tokens_seen = 0
+        self.layers = [
+            (_layer_index(n, self.cfg.model.n_layers), m) for n, m in moe_layers(parts.model)
+        ]
+        self.tracker = MoEStatsTracker(
+            self.cfg.moe.n_routed_experts, window=max(10, self.cfg.logging.moe_every)
+        )
+        self.logger = MetricsLogger(
+            parts.run_dir,
+            rank=self.rank,
+            config=self.cfg.to_dict(),
+            wandb_mode=self.cfg.logging.wandb,
+            project=self.cfg.logging.project,
+            name=self.cfg.logging.name or None,
+            group=self.cfg.logging.group or None,
+            tags=list(self.cfg.logging.tags) or None,
+            console=self.cfg.logging.console,
+            total_steps=self.cfg.train.steps,
+        )
+        self.history: list[float] = []
+        self.last_val: dict[str, float] = {}
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def resume(self) -> None:
+        how = self.cfg.train.resume
+        if how == "never":
+            return
+        ckpt_dir = Path(how) if how != "auto" else self.ckpt_dir
+        tag = [ckpt.find_resumable(ckpt_dir) if self.rank == 0 else None]
+        dist.broadcast_object_list(tag, src=0)
+        if tag[0] is None:
+            if how != "auto":
+                raise ValueError(f"train.resume: no complete checkpoint under {ckpt_dir}")
+            return
+        tag_dir = ckpt_dir / tag[0]
+        self.p.engine.load_checkpoint(str(ckpt_dir), tag=tag[0])
+        state = ckpt.read_trainer_state(tag_dir)
+        ckpt.load_rank_state(tag_dir, self.rank)
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.p.train_loader.load_state_dict(state["train_loader"])
+        self.history = state.get("loss_history", [])
+        verify_bias_identical(self.p.model)
+        if self.rank == 0:
+            print(f"resumed from {tag_dir} at step {self.step}", flush=True)
+
+    def save(self) -> Path:
+        tag = ckpt.tag_for_step(self.step)
+        tag_dir = self.ckpt_dir / tag
+        with guard_collectives("checkpoint", self.step):
+            verify_bias_identical(self.p.model)  # the bias in the checkpoint is every rank's bias
+            if self.rank == 0 and tag_dir.exists():  # a half-written save of this step, from a kill
+                import shutil
+
+                shutil.rmtree(tag_dir)
+            dist.barrier()
+            self.p.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, save_latest=False)
+            ckpt.save_rank_state(tag_dir, self.rank)
+            if self.rank == 0:
+                ckpt.write_trainer_state(
+                    tag_dir,
+                    {
+                        "step": self.step,
+                        "tokens_seen": self.tokens_seen,
+                        "world_size": self.p.env.world_size,
+                        "train_loader": self.p.train_loader.state_dict(),
+                        "loss_history": self.history,
+                        "config": self.cfg.to_dict(),
+                    },
+                )
+            dist.barrier()
+            if self.rank == 0:
+                ckpt.commit_latest(self.ckpt_dir, tag, self.cfg.train.keep_last)
+            dist.barrier()
+        return tag_dir
+
+    # ---- one optimizer step ------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        engine, t = (
+            self.p.engine,
+            {"forward": 0.0, "backward": 0.0, "optimizer": 0.0, "dispatch": 0.0},
+        )
+        loss_sum = torch.zeros(())
+        start = time.perf_counter()
+        for _ in range(self.p.grad_accum):
+            batch = next(self.p.train_loader)
+            t0 = time.perf_counter()
+            out = engine(
+                input_ids=batch["input_ids"].to(engine.device),
+                labels=batch["labels"].to(engine.device),
+            )
+            t1 = time.perf_counter()
+            engine.backward(out.loss)
+            t2 = time.perf_counter()
+            engine.step()
+            t3 = time.perf_counter()
+            t["forward"] += t1 - t0
+            t["backward"] += t2 - t1
+            t["optimizer"] += t3 - t2
+            t["dispatch"] += sum(
+                s.a2a_time_s
+                for _, m in self.layers
+                if (s := getattr(m.dispatcher, "last_comm_stats", None))
+            )
+            loss_sum += out.lm_loss.detach().float().cpu()
+        counts = sync_and_update_bias(self.p.model, bias_gamma(self.tokens_seen, self.cfg.moe))
+        loss = loss_sum / self.p.grad_accum
+        dist.all_reduce(loss, op=dist.ReduceOp.SUM)
+        loss = float(loss) / self.p.env.world_size
+        elapsed = time.perf_counter() - start
+        tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_len
+        self.tokens_seen += tokens
+        self.step += 1
+        self.history.append(loss)
+        for (layer, moe), c in zip(self.layers, counts.values(), strict=True):
+            stats = moe.last_stats
+            self.tracker.update(
+                layer,
+                c,
+                moe.router.expert_bias,
+                entropy=float(stats.entropy) if stats is not None else None,
+                seq_aux_loss=float(stats.seq_aux_loss)
+                if stats is not None and stats.seq_aux_loss is not None
+                else None,
+            )
+        metrics: dict[str, Any] = {
+            "loss/train": loss,
+            "optim/lr": engine.get_lr()[0],
+            "perf/tokens_per_s": tokens / elapsed,
+            "perf/step_time_s": elapsed,
+            "perf/tokens_seen": self.tokens_seen,
+            **{f"time/{k}": v for k, v in t.items()},
+        }
+        grad_norm = engine.get_global_grad_norm()
+        if grad_norm is not None:
+            metrics["optim/grad_norm"] = float(grad_norm)
+        comm = [getattr(m.dispatcher, "last_comm_stats", None) for _, m in self.layers]
+        if any(s is not None for s in comm):
+            sent = torch.tensor([float(sum(s.bytes_sent for s in comm if s is not None))])
+            dist.all_reduce(sent, op=dist.ReduceOp.SUM)
+            metrics["comm/a2a_bytes"] = float(sent)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss and global MaxVio per MoE layer over ``eval_batches`` global batches."""
+        loader = self.p.val_loader
+        if loader is None:
+            return {}
+        engine = self.p.engine
+        engine.eval()
+        loss_sum = torch.zeros(())
+        counts = [torch.zeros(m.n_routed_experts, dtype=torch.int64) for _, m in self.layers]
+        n = 0
+        for batch in loader:
+            if n == self.cfg.train.eval_batches:
+                break
+            out = engine(
+                input_ids=batch["input_ids"].to(engine.device),
+                labels=batch["labels"].to(engine.device),
+            )
+            loss_sum += out.lm_loss.float().cpu()
+            for c, (_, m) in zip(counts, self.layers, strict=True):
+                c += m.last_stats.counts_E.cpu()
+            n += 1
+        engine.train()
+        flat = torch.cat([loss_sum.view(1), *[c.double() for c in counts]])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        out: dict[str, float] = {"loss/val": float(flat[0]) / (n * self.p.env.world_size)}
+        offset = 1
+        for (layer, m), _ in zip(self.layers, counts, strict=True):
+            c = flat[offset : offset + m.n_routed_experts]
+            offset += m.n_routed_experts
+            out[f"moe/layer{layer}/val_max_vio_global"] = float(
+                (c.max() - c.mean()) / c.mean().clamp_min(1e-9)
+            )
+        if self.layers:
+            vals = [v for k, v in out.items() if k.endswith("val_max_vio_global")]
+            out["moe/val_max_vio_global"] = sum(vals) / len(vals)
+        self.last_val = out
+        return out
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        cfg, stop = self.cfg.train, StopRequested()
+        self.resume()
+        first_step = self.step
+        t_start, tokens_start = time.perf_counter(), self.tokens_seen
+        preempted = False
+        while self.step < cfg.steps:
+            with guard_collectives("train step", self.step):
+                metrics = self.train_step()
+            if self.step % self.cfg.logging.moe_every == 0 or self.step == cfg.steps:
+                metrics.update(self.tracker.metrics())
+            if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                with guard_collectives("evaluate", self.step):
+                    metrics.update(self.evaluate())
+            if self.step % self.cfg.logging.log_every == 0 or "loss/val" in metrics:
+                self.logger.log(metrics, step=self.step)
+            if stop.agreed():
+                self.save()
+                preempted = True
+                break
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                self.save()
+        if not preempted:
+            self.save()
+        elapsed = time.perf_counter() - t_start
+        summary = self.summary(first_step, elapsed, self.tokens_seen - tokens_start, preempted)
+        self.logger.close()
+        return summary
+
+    def summary(
+        self, first_step: int, elapsed: float, tokens: int, preempted: bool
+    ) -> dict[str, Any]:
+        vio = {
+            k: v
+            for k, v in self.tracker.metrics().items()
+            if k.startswith("moe/") and "max_vio" in k and "layer" not in k
+        }
+        summary = {
+            "steps": self.step,
+            "steps_this_run": self.step - first_step,
+            "preempted": preempted,
+            "loss_first": self.history[0] if self.history else None,
+            "loss_last": self.history[-1] if self.history else None,
+            "val": self.last_val,
+            "moe": vio,
+            "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
+            "checkpoint": str(self.ckpt_dir / ckpt.tag_for_step(self.step)),
+            "metrics": str(self.p.run_dir / "metrics.jsonl"),
+        }
+        if self.rank == 0:
+            ckpt.atomic_write_text(self.p.run_dir / "summary.json", json.dumps(summary, indent=1))
+            print(format_summary(summary), flush=True)
+        return summary
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    lines = ["", "=== deepsuite run summary ==="]
+    if s["loss_first"] is not None:
+        lines.append(
+            f"loss            {s['loss_first']:.4f} (first step) -> {s['loss_last']:.4f} (step {s['steps']})"
+        )
+    if s["val"].get("loss/val") is not None:
+        lines.append(f"val loss        {s['val']['loss/val']:.4f}")
+    if "moe/val_max_vio_global" in s["val"]:
+        lines.append(
+            f"val MaxVio      {s['val']['moe/val_max_vio_global']:.3f} (global, mean over MoE layers)"
+        )
+    if "moe/max_vio" in s["moe"]:
+        lines.append(
+            f"train MaxVio    {s['moe']['moe/max_vio']:.3f} (last batch), {s['moe']['moe/max_vio_global']:.3f} (window)"
+        )
+    if s["tokens_per_s"]:
+        lines.append(
+            f"throughput      {s['tokens_per_s']:.0f} tokens/s over {s['steps_this_run']} steps"
+        )
+    lines.append(f"checkpoint      {s['checkpoint']}")
+    lines.append(f"metrics         {s['metrics']}")
+    if s["preempted"]:
+        lines.append("stopped early on a preemption signal; rerun the same command to resume")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[str, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="deepsuite train",
+        description="Train a DeepSeek-style MoE LM (launch under torchrun / deepspeed / accelerate / srun).",
+    )
+    parser.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=50")
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
+    )
+    args = parser.parse_args(argv)
+    return args.config, args.overrides
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    trainer = Trainer(build_run(cfg))
+    return trainer.fit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    config, overrides = parse_args(argv)
+    cfg = load_config(config, overrides)
+    train(cfg)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
