@@ -260,3 +260,15 @@ def test_bad_arguments_raise_clear_errors():
         ComplexDropout(1.2)
     with pytest.raises(ValueError, match="criterion"):
         ComplexLinear(2, 2, criterion="lecun")
+
+
+def test_seed_readme_usage():
+    torch.manual_seed(0)
+    conv = ComplexConv2d(in_channels=64, out_channels=128, kernel_size=3, padding=1)
+    bn = ComplexBatchNorm2d(128)
+    x_complex = torch.randn(2, 64, 6, 5, 2)  # last dim: [real, imag]
+    out = bn(conv(x_complex))
+    assert out.shape == (2, 128, 6, 5, 2)
+    # default affine gamma = I / sqrt(2): E|out|^2 per channel is 2 * 1/2 = 1
+    power = out.pow(2).sum(-1).mean((0, 2, 3))
+    torch.testing.assert_close(power, torch.ones(128), rtol=1e-3, atol=1e-3)
