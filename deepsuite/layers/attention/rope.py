@@ -175,7 +175,7 @@ class RotaryPositionEmbedding(nn.Module):
         scaling: Hugging Face-style scaling dict, or None.
 
     ``forward(q, k, seq_len)`` returns ``(q_rot, k_rot)`` in the input dtype; the rotation is done
-    in float32. ``k`` may have one head that broadcasts against q's heads (MLA's shared key).
+    in float32 (or wider). ``k`` may have one head that broadcasts against q's heads (MLA's shared key).
     ``softmax_scale_factor`` is what an attention layer multiplies its softmax scale by (YaRN).
     """
 
@@ -276,7 +276,8 @@ class RotaryPositionEmbedding(nn.Module):
         if not x_BSHR.is_floating_point():
             raise TypeError(f"rope input must be floating point, got {x_BSHR.dtype}")
         cos, sin = cos_BSP.unsqueeze(2), sin_BSP.unsqueeze(2)  # broadcast over heads
-        x = x_BSHR.float()
+        x = x_BSHR.to(torch.promote_types(x_BSHR.dtype, torch.float32))  # fp32 or wider
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         if self.interleaved:
             x1, x2 = x[..., 0::2], x[..., 1::2]
             out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
