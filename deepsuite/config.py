@@ -276,10 +276,12 @@ class TrainConfig:
     keep_last: int = 3
     run_dir: str = "runs/default"
     resume: str = "auto"
+    stop_at_step: int = 0  # end this invocation (with a checkpoint) at this step; 0 = train.steps
+    export_final: bool = True  # write <run_dir>/final/model.safetensors (experts gathered) at the end
 
     def __post_init__(self) -> None:
         _positive("train", self, "steps", "micro_batch_size", "global_batch_size", "keep_last")
-        _non_negative("train", self, "eval_every", "eval_batches", "save_every")
+        _non_negative("train", self, "eval_every", "eval_batches", "save_every", "stop_at_step")
         _one_of("train.precision", self.precision, ["fp32", "bf16"])
         _check(
             self.resume in ("auto", "never") or bool(self.resume),

@@ -28,6 +28,7 @@ from deepsuite.distributed.expert_parallel import (
 )
 from deepsuite.training import checkpoint as ckpt
 from deepsuite.training.engine import RunParts, build_run
+from deepsuite.training.export import export_safetensors
 from deepsuite.training.metrics import MetricsLogger
 from deepsuite.training.moe_stats import MoEStatsTracker
 from deepsuite.training.schedule import bias_gamma
@@ -252,7 +253,8 @@ class Trainer:
         first_step = self.step
         t_start, tokens_start = time.perf_counter(), self.tokens_seen
         preempted = False
-        while self.step < cfg.steps:
+        last = min(cfg.steps, cfg.stop_at_step) if cfg.stop_at_step else cfg.steps
+        while self.step < last:
             with guard_collectives("train step", self.step):
                 metrics = self.train_step()
             if self.step % self.cfg.logging.moe_every == 0 or self.step == cfg.steps:
@@ -266,10 +268,14 @@ class Trainer:
                 self.save()
                 preempted = True
                 break
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < last:
                 self.save()
         if not preempted:
             self.save()
+        if cfg.export_final and self.step == cfg.steps:
+            export_safetensors(
+                self.p.model, self.p.run_dir / "final" / "model.safetensors", self.rank
+            )
         elapsed = time.perf_counter() - t_start
         summary = self.summary(first_step, elapsed, self.tokens_seen - tokens_start, preempted)
         self.logger.close()
