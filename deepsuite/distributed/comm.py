@@ -17,7 +17,16 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-__all__ = ["CollectiveTimeoutError", "all_to_all_rows", "guard_collectives"]
+__all__ = ["CollectiveTimeoutError", "all_gather_flat", "all_to_all_rows", "guard_collectives"]
+
+
+def all_gather_flat(
+    out_WX: torch.Tensor, inp_X: torch.Tensor, group: ProcessGroup | None = None
+) -> None:
+    """Gather equal-size tensors into one flat output (all_gather_single where torch has it,
+    all_gather_into_tensor on older torch; both are single-tensor, gloo-safe forms)."""
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(out_WX, inp_X, group=group)
 
 
 def _exchange(
@@ -126,7 +135,7 @@ class CollectiveTimeoutError(RuntimeError):
     """A collective did not complete within the process-group timeout."""
 
 
-_TIMEOUT_MARKERS = ("timed out", "timeout", "Timeout", "deadline")
+_TIMEOUT_MARKERS = ("timed out", "timeout", "deadline")
 
 
 @contextlib.contextmanager
@@ -143,7 +152,7 @@ def guard_collectives(what: str, step: int | None = None) -> Iterator[None]:
         yield
     except RuntimeError as err:
         if isinstance(err, CollectiveTimeoutError) or not any(
-            m in str(err) for m in _TIMEOUT_MARKERS
+            m in str(err).lower() for m in _TIMEOUT_MARKERS
         ):
             raise
         rank = dist.get_rank() if dist.is_initialized() else 0

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from deepspeed.moe.layer import MoE as _DeepSpeedMoE
 from torch import Tensor, nn
 
+from deepsuite.distributed.comm import all_gather_flat
 from deepsuite.distributed.dispatch import AllToAllDispatcher
 from deepsuite.distributed.groups import (
     ExpertParallelGroups,
@@ -240,7 +241,7 @@ def verify_bias_identical(model: nn.Module, group: dist.ProcessGroup | None = No
     flat = torch.cat([m.router.expert_bias.float().view(torch.int32) for _, m in layers])
     world = dist.get_world_size(group)
     gathered = flat.new_empty(world * flat.numel())
-    dist.all_gather_into_tensor(gathered, flat, group=group)
+    all_gather_flat(gathered, flat, group=group)
     rows = gathered.view(world, -1)
     start = 0
     for name, moe in layers:

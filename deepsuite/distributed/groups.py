@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from deepsuite.distributed.comm import all_gather_flat
+
 __all__ = [
     "ExpertParallelGroups",
     "check_same_config",
@@ -115,7 +117,7 @@ def check_same_config(config: Any, group: ProcessGroup | None = None) -> None:
     digest = torch.frombuffer(bytearray(config_digest(config)), dtype=torch.uint8).to(torch.int64)
     world = dist.get_world_size(group)
     gathered = torch.empty(world * digest.numel(), dtype=torch.int64)
-    dist.all_gather_into_tensor(gathered, digest, group=group)
+    all_gather_flat(gathered, digest, group=group)
     rows = gathered.view(world, -1)
     differ = [r for r in range(world) if not torch.equal(rows[r], rows[0])]
     if differ:
