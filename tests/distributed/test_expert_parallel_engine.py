@@ -78,7 +78,58 @@ def _reference() -> dict:
     return out
 
 
-def _engine_worker(rank: int, world: int, eps: list[int]) -> dict:
+def _build_engine(groups, cfg: dict):
+    import deepspeed
+
+    from deepsuite.distributed.expert_parallel import apply_expert_parallel, moe_param_groups
+
+    model = TinyMoENet()
+    apply_expert_parallel(model, groups)
+    opt = torch.optim.SGD(moe_param_groups(model, WD), lr=LR)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    return engine
+
+
+def _train_step(engine, rank: int, world: int, step: int) -> float:
+    from deepsuite.distributed import guard_collectives
+    from deepsuite.distributed.expert_parallel import sync_and_update_bias
+
+    n = T_GLOBAL // world
+    x, y = _batch(step)
+    with guard_collectives("train step", step):
+        loss = F.mse_loss(engine(x[rank * n : (rank + 1) * n]), y[rank * n : (rank + 1) * n])
+        engine.backward(loss)
+        engine.step()
+        sync_and_update_bias(engine.module, GAMMA)
+    return loss.item()
+
+
+def _checkpoint_roundtrip(engine, groups, cfg: dict, rank: int, world: int, ckpt: str) -> dict:
+    """Save, load into a fresh engine, take one more step on both: must stay identical."""
+    import os
+
+    import torch.distributed as dist
+
+    engine.save_checkpoint(ckpt, tag="t")
+    dist.barrier()
+    files = sorted(os.listdir(os.path.join(ckpt, "t")))
+    fresh = _build_engine(groups, cfg)
+    fresh.load_checkpoint(ckpt, tag="t")
+    sd_a, sd_b = engine.module.state_dict(), fresh.module.state_dict()
+    same_after_load = sd_a.keys() == sd_b.keys() and all(
+        torch.equal(sd_a[k], sd_b[k]) for k in sd_a
+    )
+    loss_a = _train_step(engine, rank, world, STEPS)
+    loss_b = _train_step(fresh, rank, world, STEPS)
+    same_next = all(
+        torch.equal(a, b)
+        for a, b in zip(engine.module.parameters(), fresh.module.parameters(), strict=True)
+    )
+    return {"files": files, "same_after_load": same_after_load, "same_next": same_next,
+            "losses": (loss_a, loss_b)}  # fmt: skip
+
+
+def _engine_worker(rank: int, world: int, eps: list[int], ckpt_root: str | None = None) -> dict:
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
 
@@ -137,6 +188,9 @@ def _engine_worker(rank: int, world: int, eps: list[int]) -> dict:
             rec["param"] = {nm: p.detach().clone() for nm, p in engine.module.named_parameters()}
             rec["bias"] = [m.router.expert_bias.clone() for m in engine.module.moes]
             rec["a2a"] = engine.module.moes[0].dispatcher.last_comm_stats
+            if ckpt_root is not None:
+                ckpt = f"{ckpt_root}/ep{ep}_zero{stage}"
+                rec["ckpt"] = _checkpoint_roundtrip(engine, groups, cfg, rank, world, ckpt)
             results[(ep, stage)] = rec
             del engine, opt, model
     return results
@@ -166,10 +220,20 @@ def _compare(results: list[dict], ref: dict, world: int, eps: list[int]) -> None
                     assert torch.equal(got, want), f"{tag} bias {got} != {want}"
 
 
-def test_expert_parallel_matches_single_process_two_ranks() -> None:
+def test_expert_parallel_matches_single_process_two_ranks(tmp_path) -> None:
     ref = _reference()
-    results = run_ranks(_engine_worker, 2, [2], init="deepspeed", timeout_s=600)
+    results = run_ranks(_engine_worker, 2, [2], str(tmp_path), init="deepspeed", timeout_s=600)
     _compare(results, ref, 2, [2])
+    # checkpoints: one file per GLOBAL expert (both EP ranks' shards), exact reload and next step
+    want = {
+        f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in (0, 1) for e in range(E)
+    }
+    for stage in STAGES:
+        for r in results:
+            ck = r[(2, stage)]["ckpt"]
+            assert want <= set(ck["files"]), (stage, sorted(want - set(ck["files"])))
+            assert ck["same_after_load"] and ck["same_next"], (stage, ck)
+            assert ck["losses"][0] == ck["losses"][1]
     # the starving bias left rank 1 without tokens in layer 1 and the run still matched
     assert ref["bias"][1][4:].max() < -99
 
