@@ -47,16 +47,18 @@ def test_compress_kv_splits_and_normalises():
 def test_update_returns_prefix_and_supports_rewind():
     cache = LatentKVCache(2, 3, 2, max_len=6)
     a, ka = torch.randn(2, 4, 3), torch.randn(2, 4, 2)
-    c, k = cache.update(a, ka, 0)
-    torch.testing.assert_close(c, a)
-    torch.testing.assert_close(k, ka)
+    rows = cache.update(a, ka, 0)
+    torch.testing.assert_close(rows, torch.cat([a, ka], -1))
+    torch.testing.assert_close(cache.c_kv[:, :4], a)
+    torch.testing.assert_close(cache.k_rope[:, :4], ka)
     b, kb = torch.randn(2, 1, 3), torch.randn(2, 1, 2)
-    c, k = cache.update(b, kb, 4)
-    assert cache.length == 5 and c.shape == (2, 5, 3)
-    torch.testing.assert_close(c, torch.cat([a, b], 1))
-    c, _ = cache.update(b, kb, 2)  # rewind: tokens past 3 are forgotten
+    rows = cache.update(b, kb, 4)
+    assert cache.length == 5 and rows.shape == (2, 5, 5)
+    torch.testing.assert_close(rows[..., :3], torch.cat([a, b], 1))
+    rows = cache.update(b, kb, 2)  # rewind: tokens past 3 are forgotten
     assert cache.length == 3
-    torch.testing.assert_close(c, torch.cat([a[:, :2], b], 1))
+    torch.testing.assert_close(rows[..., :3], torch.cat([a[:, :2], b], 1))
+    torch.testing.assert_close(rows[..., 3:], torch.cat([ka[:, :2], kb], 1))
     cache.reset()
     assert cache.length == 0
     with pytest.raises(ValueError, match="start_pos"):

@@ -36,11 +36,13 @@ def mha_cache_values_per_token(n_heads: int, head_dim: int) -> int:
 
 
 class LatentKVCache:
-    """Per-layer cache of c_KV (B, T, C) and rotated k_rope (B, T, R).
+    """Per-layer cache of ``[c_KV ; rotated k_rope]`` rows in one (B, L, C + R) buffer.
 
+    ``c_kv`` (B, L, C) and ``k_rope`` (B, L, R) are views of it; one buffer lets the absorbed decode
+    path use the rows directly as its single key head, with no copy per step.
     Preallocated for ``max_len`` tokens, or growable (``max_len=None``: capacity doubles as needed).
-    ``update`` writes S new tokens at ``[start_pos, start_pos + S)`` and returns views of
-    ``[0, start_pos + S)``. Positions past the write are forgotten (``length`` becomes
+    ``update`` writes S new tokens at ``[start_pos, start_pos + S)`` and returns the (B, T, C + R)
+    rows of ``[0, start_pos + S)``. Positions past the write are forgotten (``length`` becomes
     ``start_pos + S``), so rewinding and re-decoding works.
     """
 
@@ -54,11 +56,12 @@ class LatentKVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        for name, v in (
-            ("batch_size", batch_size),
-            ("kv_lora_rank", kv_lora_rank),
-            ("qk_rope_head_dim", qk_rope_head_dim),
-        ):
+        sizes = {
+            "batch_size": batch_size,
+            "kv_lora_rank": kv_lora_rank,
+            "qk_rope_head_dim": qk_rope_head_dim,
+        }
+        for name, v in sizes.items():
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if max_len is not None and (not isinstance(max_len, int) or max_len <= 0):
@@ -72,13 +75,24 @@ class LatentKVCache:
         )
         self.max_len, self.growable = max_len, max_len is None
         cap = max_len if max_len is not None else 16
-        self.c_kv = torch.zeros(batch_size, cap, kv_lora_rank, dtype=dtype, device=device)
-        self.k_rope = torch.zeros(batch_size, cap, qk_rope_head_dim, dtype=dtype, device=device)
+        self.kv = torch.zeros(
+            batch_size, cap, kv_lora_rank + qk_rope_head_dim, dtype=dtype, device=device
+        )
         self.length = 0
 
     @property
+    def c_kv(self) -> Tensor:
+        """(B, L, C) view of the latents (whole capacity; the first ``length`` rows are valid)."""
+        return self.kv[..., : self.kv_lora_rank]
+
+    @property
+    def k_rope(self) -> Tensor:
+        """(B, L, R) view of the rotated shared rope keys."""
+        return self.kv[..., self.kv_lora_rank :]
+
+    @property
     def capacity(self) -> int:
-        return self.c_kv.shape[1]
+        return self.kv.shape[1]
 
     @property
     def values_per_token(self) -> int:
@@ -88,11 +102,11 @@ class LatentKVCache:
     @property
     def bytes_per_token(self) -> int:
         """Bytes per token (per batch row) at the cache dtype."""
-        return self.values_per_token * self.c_kv.element_size()
+        return self.values_per_token * self.kv.element_size()
 
     def nbytes(self) -> int:
-        """Bytes held by the allocated buffers."""
-        return self.c_kv.nbytes + self.k_rope.nbytes
+        """Bytes held by the allocated buffer."""
+        return self.kv.nbytes
 
     def reset(self) -> None:
         """Forget all tokens (keeps the allocation)."""
@@ -102,22 +116,21 @@ class LatentKVCache:
         cap = self.capacity
         while cap < need:
             cap *= 2
-        for name in ("c_kv", "k_rope"):
-            old = getattr(self, name)
-            new = old.new_zeros(old.shape[0], cap, old.shape[2])
-            new[:, : self.length] = old[:, : self.length]
-            setattr(self, name, new)
+        new = self.kv.new_zeros(self.batch_size, cap, self.kv.shape[2])
+        new[:, : self.length] = self.kv[:, : self.length]
+        self.kv = new
 
-    def update(self, c_BSC: Tensor, kr_BSR: Tensor, start_pos: int) -> tuple[Tensor, Tensor]:
-        """Write S tokens at ``start_pos``; return c_KV (B, T, C) and k_rope (B, T, R), T = start_pos + S."""
-        S = c_BSC.shape[1]
+    def update(self, c_BSC: Tensor, kr_BSR: Tensor, start_pos: int) -> Tensor:
+        """Write S tokens at ``start_pos``; return the (B, T, C + R) rows, T = start_pos + S."""
+        S = c_BSC.shape[1] if c_BSC.dim() == 3 else -1
         if c_BSC.shape != (self.batch_size, S, self.kv_lora_rank):
             raise ValueError(
                 f"c_kv must be ({self.batch_size}, S, {self.kv_lora_rank}), got {tuple(c_BSC.shape)}"
             )
         if kr_BSR.shape != (self.batch_size, S, self.qk_rope_head_dim):
+            got = tuple(kr_BSR.shape)
             raise ValueError(
-                f"k_rope must be ({self.batch_size}, {S}, {self.qk_rope_head_dim}), got {tuple(kr_BSR.shape)}"
+                f"k_rope must be ({self.batch_size}, {S}, {self.qk_rope_head_dim}), got {got}"
             )
         if not isinstance(start_pos, int) or not 0 <= start_pos <= self.length:
             raise ValueError(
@@ -130,7 +143,7 @@ class LatentKVCache:
                     f"cache is full: writing up to position {end} > max_len={self.max_len}"
                 )
             self._grow(end)
-        self.c_kv[:, start_pos:end] = c_BSC.to(self.c_kv.dtype)
-        self.k_rope[:, start_pos:end] = kr_BSR.to(self.k_rope.dtype)
+        self.kv[:, start_pos:end, : self.kv_lora_rank] = c_BSC.to(self.kv.dtype)
+        self.kv[:, start_pos:end, self.kv_lora_rank :] = kr_BSR.to(self.kv.dtype)
         self.length = end
-        return self.c_kv[:, :end], self.k_rope[:, :end]
+        return self.kv[:, :end]
