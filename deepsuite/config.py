@@ -93,6 +93,7 @@ class MLAConfig:
     beta_slow: float = 1.0
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
+    rope_interleave: bool = True  # interleaved pairs (DeepSeek); False = rotate-half
 
     def __post_init__(self) -> None:
         _non_negative("mla", self, "q_lora_rank")
@@ -142,6 +143,7 @@ class MoEConfig:
     bias_recenter: bool = False
     seq_aux_alpha: float = 0.0
     aux_loss_alpha: float = 0.0
+    use_expert_bias: bool = True  # False: V2 routing (no balancing bias, a group scores its max)
 
     def __post_init__(self) -> None:
         _positive("moe", self, "n_routed_experts", "n_expert_per_token")

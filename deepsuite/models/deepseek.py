@@ -39,6 +39,7 @@ def build_attention(cfg: Config) -> MultiHeadLatentAttention:
         rope_theta=a.rope_theta,
         rope_scaling=a.rope_scaling_dict(),
         norm_eps=m.norm_eps,
+        rope_interleave=a.rope_interleave,
     )
 
 
@@ -60,6 +61,7 @@ def build_moe(cfg: Config) -> DeepSeekMoE:
         aux_loss_alpha=e.aux_loss_alpha,
         bias_update_speed=e.bias_update_speed,
         bias_recenter=e.bias_recenter,
+        use_expert_bias=e.use_expert_bias,
     )
 
 
