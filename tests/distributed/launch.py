@@ -170,7 +170,15 @@ def run_ranks(
         errors: list[RankError] = []
         for r in range(world_size):
             if r in hung or not os.path.exists(outs[r]):
-                err = RankError(r, "Hung" if r in hung else "Died", "no result", "")
+                why = (
+                    "hung until the launch timeout"
+                    if r in hung
+                    else (
+                        f"exited with code {procs[r].exitcode} before reporting (check stderr: an "
+                        "import-time error, or a script without an if __name__ == '__main__' guard)"
+                    )
+                )
+                err = RankError(r, "Hung" if r in hung else "Died", why, "")
                 errors.append(err)
                 results.append(err)
                 continue
