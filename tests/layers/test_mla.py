@@ -339,3 +339,17 @@ def test_matches_transformers_deepseek_v3_attention(q_lora_rank, interleave):
     torch.testing.assert_close(m(x, cache=m.new_cache(2)), want, rtol=1e-5, atol=1e-5)
     assert (m(x) - want).abs().max() < 1e-5 * want.abs().max()
     assert m.softmax_scale == pytest.approx(ref.scaling)
+
+
+def test_long_prefill_through_cache_runs_naive_and_matches():
+    m, x = _mla(), _x(S=100)
+    full = m(x)
+    cache = m.new_cache(2, 100)
+    assert m.absorb_max_query_len < 90  # the 90-token prefill takes the naive path over the cache
+    outs = [m(x[:, :90], cache=cache)] + [
+        m(x[:, t : t + 1], cache=cache, start_pos=t) for t in range(90, 100)
+    ]
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(
+        m(x[:, :90], cache=m.new_cache(2), absorb=True), full[:, :90], rtol=1e-9, atol=1e-11
+    )

@@ -119,6 +119,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.dim, self.n_heads, self.q_lora_rank = dim, n_heads, q_lora_rank
         self.qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
         self.causal, self.dropout, self.use_sdpa = bool(causal), float(dropout), True
+        self.absorb_max_query_len = 64  # see forward's ``absorb``
         H, N, R, V, C = (
             n_heads,
             self.qk_nope_head_dim,
@@ -176,7 +177,7 @@ class MultiHeadLatentAttention(nn.Module):
         mask = None
         if self.causal and not (S == 1 and offset + S == T):
             i = torch.arange(S, device=device).unsqueeze(1) + offset
-            mask = (torch.arange(T, device=device).unsqueeze(0) <= i).expand(B, 1, S, T)
+            mask = (torch.arange(T, device=device).unsqueeze(0) <= i).view(1, 1, S, T)  # no B copy
         if attention_mask is None:
             return mask
         if not isinstance(attention_mask, Tensor):
@@ -209,11 +210,11 @@ class MultiHeadLatentAttention(nn.Module):
             )
         return am if mask is None else mask & am
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, padded: bool) -> Tensor:
         """Attention on (B, H, S, E) q, (B, H, T, E) k and (B, H, T, V) v -> (B, H, S, V)."""
         p = self.dropout if self.training else 0.0
         dead = None
-        if mask is not None:
+        if padded and mask is not None:  # a causal mask alone never hides a whole row
             # rows with no visible key (e.g. left padding) would be NaN: attend anywhere, then zero
             dead = ~mask.any(dim=-1, keepdim=True)
             mask = mask | dead
@@ -242,7 +243,10 @@ class MultiHeadLatentAttention(nn.Module):
         cache, start_pos + S with one), or a boolean (B|1, 1|H, S, T) mask (ANDed with causal).
         cache: a ``LatentKVCache``; writes at ``start_pos`` and attends over ``[0, start_pos + S)``.
         position_ids: rope positions (S,) or (B, S); default ``start_pos + arange(S)``.
-        absorb: force the absorbed (True) or naive (False) path; default: absorbed iff cache.
+        absorb: force the absorbed (True) or naive (False) path; default: absorbed when a cache is
+            given and S <= ``absorb_max_query_len`` (64): decoding steps and short chunks. Long
+            chunks (prefill) run naive over the cached latents: expanding K/V once is cheaper than
+            ~3.4x wider per-head scores, and the absorbed fold would need an (H*S, T) mask.
         """
         if not isinstance(x_BSD, Tensor) or x_BSD.dim() != 3 or x_BSD.shape[-1] != self.dim:
             got = tuple(x_BSD.shape) if isinstance(x_BSD, Tensor) else type(x_BSD).__name__
@@ -254,7 +258,9 @@ class MultiHeadLatentAttention(nn.Module):
             )
         B, S, _ = x_BSD.shape
         H, N, R = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
-        absorb = cache is not None if absorb is None else absorb
+        if absorb is None:
+            absorb = cache is not None and self.absorb_max_query_len >= S
+        padded = attention_mask is not None
 
         if self.q_lora_rank == 0:
             q = self.q_proj(x_BSD)
@@ -279,9 +285,9 @@ class MultiHeadLatentAttention(nn.Module):
         T = c_BTC.shape[1]
         mask = self._mask(attention_mask, B, S, T, offset, x_BSD.device)
         if absorb:
-            o_BSHV = self._absorbed(q_nope_BSHN, q_pe_BSHR, c_BTC, kr_BTR, mask, kv_BTE)
+            o_BSHV = self._absorbed(q_nope_BSHN, q_pe_BSHR, c_BTC, kr_BTR, mask, padded, kv_BTE)
         else:
-            o_BSHV = self._naive(q_nope_BSHN, q_pe_BSHR, c_BTC, kr_BTR, mask)
+            o_BSHV = self._naive(q_nope_BSHN, q_pe_BSHR, c_BTC, kr_BTR, mask, padded)
         return self.o_proj(o_BSHV.flatten(2))
 
     def _w_kv_b(self) -> tuple[Tensor, Tensor]:
@@ -291,19 +297,25 @@ class MultiHeadLatentAttention(nn.Module):
         )
         return w_HXC.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
 
-    def _naive(self, q_nope_BSHN, q_pe_BSHR, c_BTC, kr_BTR, mask) -> Tensor:
+    def _naive(self, q_nope_BSHN, q_pe_BSHR, c_BTC, kr_BTR, mask, padded) -> Tensor:
         """Reference: expand the latents to per-head K/V, then attention."""
         B, T, H = c_BTC.shape[0], c_BTC.shape[1], self.n_heads
         kv_BTHX = self.kv_b_proj(c_BTC).view(B, T, H, self.qk_nope_head_dim + self.v_head_dim)
         k_nope_BTHN, v_BTHV = kv_BTHX.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         k_BTHE = torch.cat((k_nope_BTHN, kr_BTR.unsqueeze(2).expand(-1, -1, H, -1)), dim=-1)
         q_BSHE = torch.cat((q_nope_BSHN, q_pe_BSHR), dim=-1)
-        o = self._attend(
-            q_BSHE.transpose(1, 2), k_BTHE.transpose(1, 2), v_BTHV.transpose(1, 2), mask
-        )
+        q, k, v = q_BSHE.transpose(1, 2), k_BTHE.transpose(1, 2), v_BTHV.transpose(1, 2)
+        if self.use_sdpa and self.causal and not padded and q.shape[2] == T > 1:
+            # plain causal self-attention: let SDPA pick a flash kernel instead of reading a mask
+            p = self.dropout if self.training else 0.0
+            o = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=p, is_causal=True, scale=self.softmax_scale
+            )
+        else:
+            o = self._attend(q, k, v, mask, padded)
         return o.transpose(1, 2)  # (B, S, H, V)
 
-    def _absorbed(self, q_nope_BSHN, q_pe_BSHR, c_BTC, kr_BTR, mask, kv_BTE=None) -> Tensor:
+    def _absorbed(self, q_nope_BSHN, q_pe_BSHR, c_BTC, kr_BTR, mask, padded, kv_BTE=None) -> Tensor:
         """Fold W_UK into q and W_UV into the output: multi-query attention over (C + R) latents.
 
         The single shared K/V head lets all H*S query rows attend as one head (as FlashMLA does);
@@ -317,6 +329,6 @@ class MultiHeadLatentAttention(nn.Module):
         if kv_BTE is None:
             kv_BTE = torch.cat((c_BTC, kr_BTR), dim=-1)
         if mask is not None:
-            mask = mask.expand(B, H, S, T).reshape(B, 1, H * S, T)
-        o_lat_B1XC = self._attend(q_B1XE, kv_BTE.unsqueeze(1), c_BTC.unsqueeze(1), mask)
+            mask = mask.expand(mask.shape[0], H, S, T).reshape(mask.shape[0], 1, H * S, T)
+        o_lat_B1XC = self._attend(q_B1XE, kv_BTE.unsqueeze(1), c_BTC.unsqueeze(1), mask, padded)
         return torch.einsum("bhsc,hvc->bshv", o_lat_B1XC.view(B, H, S, -1), w_uv_HVC)
