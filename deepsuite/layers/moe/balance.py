@@ -2,7 +2,7 @@
 
 Letters: B sequences, S tokens per sequence, T tokens, E routed experts, K slots per token.
 Formulas follow the DeepSeek-V3 report and Wang et al. 2024 (arXiv 2408.15664); see
-/work/shared/REFERENCES.md. Nothing here touches torch.distributed: the trainer all-reduces
+REFERENCES.md. Nothing here touches torch.distributed: the trainer all-reduces
 the counts over data-parallel ranks before calling ``sign_rule_update_``.
 """
 

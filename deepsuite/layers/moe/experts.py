@@ -43,6 +43,18 @@ def _bounds(splits: list[int]) -> list[tuple[int, int, int]]:
     return out
 
 
+def _empty_grad(w_L: Tensor, bounds: list[tuple[int, int, int]]) -> Tensor:
+    """Weight-gradient buffer: rows of experts with tokens are overwritten by mm(out=...), so
+    only the experts that received no token are zeroed (saves a full-size fill)."""
+    grad = torch.empty_like(w_L)
+    busy = torch.zeros(w_L.shape[0], dtype=torch.bool)
+    busy[[e for e, _, _ in bounds]] = True
+    idle = (~busy).nonzero().flatten().tolist()
+    if idle:
+        grad[idle] = 0
+    return grad
+
+
 class _LoopSwiGLU(torch.autograd.Function):
     """Grouped SwiGLU over contiguous slices, with a hand-written backward.
 
@@ -74,7 +86,7 @@ class _LoopSwiGLU(torch.autograd.Function):
         bounds = ctx.bounds
         need_x, need_g, need_u, need_d = ctx.needs_input_grad[:4]
         dy_ND = dy_ND.contiguous()
-        d_down = torch.zeros_like(down_LDF) if need_d else None
+        d_down = _empty_grad(down_LDF, bounds) if need_d else None
         da_NF = torch.empty_like(a_NF)
         for e, s, t in bounds:
             torch.mm(dy_ND[s:t], down_LDF[e], out=da_NF[s:t])
@@ -86,8 +98,8 @@ class _LoopSwiGLU(torch.autograd.Function):
         dg_NF = sig.neg().add_(1).mul_(g_NF).add_(1).mul_(sig).mul_(u_NF).mul_(da_NF)
         del sig, da_NF
         dx = torch.empty_like(x_ND) if need_x else None
-        d_gate = torch.zeros_like(gate_LFD) if need_g else None
-        d_up = torch.zeros_like(up_LFD) if need_u else None
+        d_gate = _empty_grad(gate_LFD, bounds) if need_g else None
+        d_up = _empty_grad(up_LFD, bounds) if need_u else None
         for e, s, t in bounds:
             if need_x:
                 torch.mm(dg_NF[s:t], gate_LFD[e], out=dx[s:t])
