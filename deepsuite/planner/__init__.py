@@ -1,0 +1,55 @@
+"""Capacity planner: per-GPU parameters, memory, FLOPs, all-to-all bytes and step time of a config
+on a cluster, checked against real engine runs at small scale (tests/test_planner*.py)."""
+
+from deepsuite.planner.comm import (
+    A2ATraffic,
+    ReduceTraffic,
+    balanced_a2a,
+    balanced_rows_per_token,
+    dispatcher_bytes,
+    reduce_traffic,
+    rows_from_routing,
+    sample_routing,
+)
+from deepsuite.planner.layout import HARDWARE, Hardware, Layout, validate_layout
+from deepsuite.planner.memory import (
+    ActivationEstimate,
+    ModelStates,
+    activation_bytes,
+    kv_cache_bytes,
+    model_state_bytes,
+    params_on_rank,
+)
+from deepsuite.planner.params import ParamBreakdown, param_breakdown
+from deepsuite.planner.plan import Plan, forward_flops_per_token, make_plan, suggestions
+from deepsuite.planner.report import SHIPPED, format_plan, plan_main
+
+__all__ = [
+    "HARDWARE",
+    "SHIPPED",
+    "A2ATraffic",
+    "ActivationEstimate",
+    "Hardware",
+    "Layout",
+    "ModelStates",
+    "ParamBreakdown",
+    "Plan",
+    "ReduceTraffic",
+    "activation_bytes",
+    "balanced_a2a",
+    "balanced_rows_per_token",
+    "dispatcher_bytes",
+    "format_plan",
+    "forward_flops_per_token",
+    "kv_cache_bytes",
+    "make_plan",
+    "model_state_bytes",
+    "param_breakdown",
+    "params_on_rank",
+    "plan_main",
+    "reduce_traffic",
+    "rows_from_routing",
+    "sample_routing",
+    "suggestions",
+    "validate_layout",
+]
