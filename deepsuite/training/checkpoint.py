@@ -151,12 +151,29 @@ def read_trainer_state(tag_dir: Path) -> dict[str, Any]:
     return json.loads((tag_dir / TRAINER_STATE).read_text())
 
 
+def deepspeed_safe_globals() -> list[Any]:
+    """The data-only DeepSpeed classes its checkpoints pickle (enums, a loss-scaler record, a
+    fragment address); allowlisted by name so ``weights_only=True`` loading can read them."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
 def make_safe_checkpoint_engine() -> Any:
-    """A DeepSpeed checkpoint engine whose loads use ``torch.load(weights_only=True)``."""
+    """A DeepSpeed checkpoint engine whose loads use ``torch.load(weights_only=True)``.
+
+    DeepSpeed's own engine loads with ``weights_only=False`` (arbitrary code on load); this one
+    refuses anything but tensors, containers and the classes of :func:`deepspeed_safe_globals`.
+    """
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    allowed = deepspeed_safe_globals()
 
     class SafeTorchCheckpointEngine(TorchCheckpointEngine):
         def load(self, path: str, map_location: Any = None) -> Any:
-            return torch.load(path, map_location=map_location, weights_only=True)
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
 
     return SafeTorchCheckpointEngine()

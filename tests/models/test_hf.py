@@ -53,7 +53,7 @@ COMMON = dict(
 )
 
 
-def hf_v3(tmp: Path, seed: int = 0, **kw) -> tuple[Path, torch.nn.Module]:
+def hf_v3(tmp: Path, seed: int = 0, shard: str = "40KB", **kw) -> tuple[Path, torch.nn.Module]:
     """A random DeepSeek-V3 (YaRN, 4 groups keep 2, random balancing bias), saved in shards."""
     torch.manual_seed(seed)
     args = dict(COMMON, q_lora_rank=24, n_shared_experts=1, n_group=4, topk_group=2)
@@ -63,7 +63,7 @@ def hf_v3(tmp: Path, seed: int = 0, **kw) -> tuple[Path, torch.nn.Module]:
         for m in model.modules():
             if hasattr(m, "e_score_correction_bias"):
                 m.e_score_correction_bias.normal_(0.0, 0.1)
-    model.save_pretrained(tmp, max_shard_size="40KB")
+    model.save_pretrained(tmp, max_shard_size=shard)
     return tmp, model
 
 

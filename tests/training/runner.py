@@ -1,0 +1,131 @@
+"""Run the real entry point (train/train.py) under a launcher, as a user would, for tests.
+
+Every run uses a small variant of configs/tiny.yaml (``SMALL``) and a data cache shared across
+tests, so the built-in corpus is tokenised once per suite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.distributed.launch import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+CACHE = Path(os.environ.get("DEEPSUITE_CACHE", ROOT / ".cache"))
+PY = Path(sys.executable)
+BIN = PY.parent
+
+SMALL = [
+    "model.dim=64",
+    "model.n_heads=2",
+    "model.inter_dim=128",
+    "mla.kv_lora_rank=32",
+    "mla.qk_nope_head_dim=16",
+    "mla.qk_rope_head_dim=8",
+    "mla.v_head_dim=16",
+    "moe.n_routed_experts=8",
+    "moe.n_group=4",
+    "moe.topk_group=2",
+    "moe.expert_intermediate_size=32",
+    "data.seq_len=32",
+    "data.max_documents=400",
+    f"data.cache_dir={CACHE / 'test_data'}",
+    "train.eval_every=0",
+    "train.save_every=0",
+    "logging.console=false",
+    "logging.moe_every=1",
+]
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e.update(
+        OMP_NUM_THREADS="1",
+        DEEPSUITE_CACHE=str(CACHE),
+        TORCH_EXTENSIONS_DIR=str(CACHE / "torch_extensions"),
+        HF_HOME=str(CACHE / "hf"),
+        HF_DATASETS_OFFLINE="1",
+        HF_HUB_OFFLINE="1",
+        DS_ACCELERATOR="cpu",
+        WANDB_DIR=str(CACHE / "wandb"),
+        PYTHONPATH=str(ROOT),
+    )
+    return e
+
+
+def launch_cmd(launcher: str, nproc: int) -> list[str]:
+    port = str(free_port())
+    if launcher == "torchrun":
+        return [
+            str(BIN / "torchrun"),
+            "--nnodes",
+            "1",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            port,
+        ]
+    if launcher == "deepspeed":
+        return [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", port]
+    if launcher == "accelerate":
+        return [
+            str(BIN / "accelerate"),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(nproc),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            port,
+        ]
+    raise ValueError(launcher)
+
+
+def run_train(
+    run_dir: Path,
+    overrides: list[str],
+    nproc: int = 2,
+    launcher: str = "torchrun",
+    timeout: float = 600,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
+    cmd = [
+        *launch_cmd(launcher, nproc),
+        str(ROOT / "train/train.py"),
+        str(ROOT / "configs/tiny.yaml"),
+        *SMALL,
+        f"train.run_dir={run_dir}",
+        *overrides,
+    ]
+    e = env()
+    if launcher == "accelerate":
+        e["ACCELERATE_USE_CPU"] = "1"
+    proc = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [
+        json.loads(line)
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss/train"] for r in metrics(run_dir) if "loss/train" in r}

@@ -1,0 +1,150 @@
+"""The training job end to end, through the real entry point and launchers (gloo on CPU).
+
+N ranks must equal one process on the same global batch: losses, final parameters and the
+balancing bias; resume must continue bit-identically; the bias must move once per optimizer step
+by the counts summed over every rank and micro-batch.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.training.runner import losses, metrics, run_train
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+STEPS, GAMMA, GLOBAL, SEQ, TOPK = 4, 0.01, 8, 32, 2
+COMMON = [
+    f"train.steps={STEPS}",
+    f"moe.bias_update_speed={GAMMA}",
+    f"train.global_batch_size={GLOBAL}",
+]
+VARIANTS = {
+    # name: (ranks, overrides); all take 2 micro-batches per optimizer step
+    "one": (1, ["parallel.ep=1", "train.micro_batch_size=4"]),
+    "ep2": (2, ["parallel.ep=2", "train.micro_batch_size=2"]),
+    "dp2_zero2": (
+        2,
+        [
+            "parallel.ep=1",
+            "train.micro_batch_size=2",
+            "parallel.deepspeed_config=configs/deepspeed/zero2.json",
+        ],
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("train")
+    for name, (nproc, extra) in VARIANTS.items():
+        run_train(base / name, [*COMMON, *extra], nproc=nproc)
+    return base
+
+
+def final_state(run_dir):
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("name", ["ep2", "dp2_zero2"])
+def test_two_ranks_equal_one_process(runs, name):
+    ref, got = losses(runs / "one"), losses(runs / name)
+    assert sorted(ref) == list(range(1, STEPS + 1))
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-6), step
+    a, b = final_state(runs / "one"), final_state(runs / name)
+    assert a.keys() == b.keys()
+    assert any(".ffn.experts.gate_proj" in k for k in a)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+        if key.endswith("expert_bias"):
+            assert torch.equal(a[key], b[key]), key  # sign-rule steps of the same global counts
+            assert a[key].dtype == torch.float32
+            assert a[key].abs().sum() > 0  # it did move
+
+
+@pytest.mark.parametrize("name", ["one", "ep2"])
+def test_bias_moves_once_per_step_by_global_counts(runs, name):
+    records = metrics(runs / name)
+    layers = sorted({k.split("/")[1] for r in records for k in r if k.endswith("/load")})
+    assert layers, "no per-layer load logged"
+    for layer in layers:
+        prev = torch.zeros(8)
+        for r in records:
+            load = torch.tensor(r[f"moe/{layer}/load"], dtype=torch.float64)
+            # global batch of every rank and micro-batch: tokens x top-k
+            assert load.sum().item() == GLOBAL * SEQ * TOPK
+            bias = torch.tensor(r[f"moe/{layer}/bias"], dtype=torch.float32)
+            step = (GAMMA * torch.sign(load.mean() - load)).float()
+            torch.testing.assert_close(bias - prev, step, rtol=0, atol=2e-7)
+            prev = bias
+
+
+def test_resume_is_bit_identical(runs, tmp_path):
+    run_dir = tmp_path / "resumed"
+    extra = VARIANTS["ep2"][1]
+    run_train(run_dir, [*COMMON, *extra, "train.stop_at_step=2"], nproc=2)
+    first = json.loads((run_dir / "summary.json").read_text())
+    assert first["steps"] == 2 and not (run_dir / "final").exists()
+    run_train(run_dir, [*COMMON, *extra], nproc=2)
+    second = json.loads((run_dir / "summary.json").read_text())
+    assert second["steps"] == STEPS and second["steps_this_run"] == STEPS - 2
+    ref = losses(runs / "ep2")
+    got = losses(run_dir)
+    for step in range(1, STEPS + 1):
+        assert got[step] == ref[step], step  # exact: same world size, same order of operations
+    a, b = final_state(runs / "ep2"), final_state(run_dir)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_checkpoint_is_committed_with_a_manifest(runs):
+    from deepsuite.training.checkpoint import find_resumable, verify_checkpoint
+
+    ckpt = runs / "ep2" / "checkpoints"
+    tag = (ckpt / "latest").read_text().strip()
+    assert tag == f"step_{STEPS:08d}"
+    assert verify_checkpoint(ckpt / tag) is None
+    assert find_resumable(ckpt) == tag
+    expert_files = list((ckpt / tag).glob("layer_*_expert_*_model_states.pt"))
+    assert len(expert_files) == 3 * 8  # every expert of every MoE layer, from both EP ranks
+    for f in expert_files[:3]:
+        torch.load(f, weights_only=True)
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "accelerate"])
+def test_launchers_run_the_same_job(runs, tmp_path, launcher):
+    run_dir = tmp_path / launcher
+    proc = run_train(run_dir, [*COMMON, *VARIANTS["ep2"][1]], nproc=2, launcher=launcher)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == STEPS, proc.stdout[-2000:]
+    # the same two ranks, whoever started them: the same losses as under torchrun
+    ref = losses(runs / "ep2")
+    for step, value in losses(run_dir).items():
+        assert value == pytest.approx(ref[step], rel=1e-6), (launcher, step)
+
+
+def test_bad_world_fails_fast_on_every_rank(tmp_path):
+    start = time.monotonic()
+    proc = run_train(
+        tmp_path / "bad",
+        ["train.micro_batch_size=4", "train.global_batch_size=12"],
+        nproc=2,
+        check=False,
+    )
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert (
+        text.count(
+            "train.global_batch_size: expected a multiple of train.micro_batch_size x world size"
+        )
+        >= 2
+    )
+    assert time.monotonic() - start < 120
+    shutil.rmtree(tmp_path / "bad", ignore_errors=True)
