@@ -23,7 +23,9 @@ def _compare_fast_and_reference(m, x, k=None):
         ["x", *dict(m.named_parameters())], _grads(m, x, out, g), _grads(m, x, ref, g), strict=True
     ):
         if a is None or b is None:
-            assert (a is None and b is None) or torch.count_nonzero(a if b is None else b) == 0, name
+            assert (a is None and b is None) or torch.count_nonzero(a if b is None else b) == 0, (
+                name
+            )
             continue
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
     return out
@@ -177,6 +179,15 @@ def test_readme_snippet_full_size_on_meta_and_small_for_real():
     assert router_logits.dtype == torch.float32
 
 
+def test_deepseek_v3_moe_layer_parameter_count_on_meta():
+    with torch.device("meta"):
+        moe = DeepSeekMoE(7168, 1, 256, 8, 2048, n_group=8, topk_group=4, route_scale=2.5)
+    n = sum(p.numel() for p in moe.parameters())
+    assert n == 257 * 3 * 7168 * 2048 + 256 * 7168  # REFERENCES.md: 11.320B per MoE layer
+    assert round(n / 1e9, 3) == 11.320
+    assert moe.router.expert_bias.dtype == torch.float32
+
+
 def test_bf16_input_keeps_dtype_and_fp32_logits():
     torch.manual_seed(0)
     m = DeepSeekMoE(16, 1, 8, 2, 12).to(torch.bfloat16)
@@ -186,6 +197,21 @@ def test_bf16_input_keeps_dtype_and_fp32_logits():
     assert m.router.expert_bias.dtype == torch.float32  # module casts leave the bias fp32
     ref, _ = m.forward_reference(x)
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_autocast_keeps_router_float32_and_experts_in_autocast_dtype():
+    torch.manual_seed(0)
+    m = DeepSeekMoE(16, 1, 8, 2, 12)
+    x = torch.randn(6, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, logits = m(x)
+        y = m.experts(x[:4], [1, 1, 0, 2, 0, 0, 0, 0])
+    assert logits.dtype == torch.float32 and y.dtype == torch.bfloat16
+    torch.testing.assert_close(logits, x.detach() @ m.router.weight.detach().T)
+    ref, _ = m.forward_reference(x)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=3e-2, atol=3e-2)
+    out.float().sum().backward()
+    assert m.experts.gate_proj.grad.dtype == torch.float32
 
 
 def test_bad_arguments():

@@ -92,11 +92,10 @@ class _LoopSwiGLU(torch.autograd.Function):
             torch.mm(dy_ND[s:t], down_LDF[e], out=da_NF[s:t])
             if need_d:
                 torch.mm(dy_ND[s:t].t(), a_NF[s:t], out=d_down[e])
-        sig = torch.sigmoid(g_NF)
         du_NF = F.silu(g_NF).mul_(da_NF)
-        # dg = da * u * s * (1 + g (1 - s)), computed in place on small temporaries
-        dg_NF = sig.neg().add_(1).mul_(g_NF).add_(1).mul_(sig).mul_(u_NF).mul_(da_NF)
-        del sig, da_NF
+        # dg = (da * u) * silu'(g): aten's fused silu_backward, the kernel autograd itself uses
+        dg_NF = torch.ops.aten.silu_backward(da_NF.mul_(u_NF), g_NF)
+        del da_NF
         dx = torch.empty_like(x_ND) if need_x else None
         d_gate = _empty_grad(gate_LFD, bounds) if need_g else None
         d_up = _empty_grad(up_LFD, bounds) if need_u else None
@@ -182,6 +181,8 @@ class GroupedExperts(nn.Module):
     def forward(self, x_ND: Tensor, counts_L: Tensor | Sequence[int]) -> Tensor:
         """x_ND [N, D] rows sorted by local expert; counts_L [L] int64 (tensor or list) -> [N, D]."""
         self._check(x_ND)
+        if torch.is_autocast_enabled(x_ND.device.type):  # the Function's mm(out=) bypasses autocast
+            x_ND = x_ND.to(torch.get_autocast_dtype(x_ND.device.type))
         grouped = self.use_grouped_mm
         if grouped is None:
             grouped = (

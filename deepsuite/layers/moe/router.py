@@ -148,7 +148,9 @@ class Router(nn.Module):
             raise TypeError(f"x_TD must be a floating tensor, got {x_TD.dtype}")
         k = self._check_k(self.top_k if k is None else k)
 
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        # float32 even under autocast (which would otherwise run this linear in bf16/fp16)
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.float(), self.weight.float())
         if self.score_func == "sigmoid":
             scores_TE = torch.sigmoid(logits_TE)
         else:
