@@ -1,0 +1,125 @@
+"""The project's own sbatch scripts on a real two-node SLURM (tests/slurm/cluster.py).
+
+A 2-node expert-parallel run of the tiny config through each launch style (torchrun per node,
+one task per rank, the deepspeed launcher) must give the same losses; a run that receives the
+preemption signal must checkpoint, requeue itself and resume to the same final model, with every
+step trained exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepsuite.training.checkpoint import verify_checkpoint
+from deepsuite.training.export import load_safetensors
+from deepsuite.training.metrics import read_metrics
+from tests.distributed.launch import CACHE, ROOT
+from tests.slurm.cluster import SlurmCluster
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.distributed]
+
+STEPS = 8
+SMALL = [
+    "model.dim=64",
+    f"train.steps={STEPS}",
+    "data.seq_len=64",
+    "train.micro_batch_size=4",
+    "train.global_batch_size=8",
+    "data.max_documents=200",
+    "train.eval_every=0",
+    "train.save_every=2",
+]
+JOB_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def submit(cluster: SlurmCluster, script: str, run_dir: Path, *sbatch_args: str) -> int:
+    args = [*sbatch_args, f"slurm/{script}", "configs/tiny.yaml", *SMALL]
+    return cluster.sbatch([*args, f"train.run_dir={run_dir}"], env=JOB_ENV, cwd=ROOT)
+
+
+def job_log(cluster: SlurmCluster, job_id: int) -> str:
+    path = Path(cluster.job(job_id)["StdOut"])
+    return path.read_text(errors="replace") if path.is_file() else f"(no log at {path})"
+
+
+def finished(cluster: SlurmCluster, job_id: int, timeout_s: float = 240.0) -> str:
+    state = cluster.wait(job_id, timeout_s=timeout_s)
+    assert state == "COMPLETED", f"job {job_id}: {state}\n{job_log(cluster, job_id)}"
+    return job_log(cluster, job_id)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss/train"] for r in read_metrics(run_dir) if "loss/train" in r}
+
+
+@pytest.fixture(scope="module")
+def reference(slurm_cluster: SlurmCluster) -> Path:
+    """An uninterrupted 2-node run through slurm/train_torchrun.sbatch."""
+    run_dir = CACHE / "tmp" / f"slurm-ref-{os.getpid()}"
+    job = submit(slurm_cluster, "train_torchrun.sbatch", run_dir)
+    log = finished(slurm_cluster, job)
+    assert "2 node(s)" in log and "rendezvous 127.0.0.1" in log, log
+    return run_dir
+
+
+def test_two_node_expert_parallel_run_completes(reference: Path) -> None:
+    summary = json.loads((reference / "summary.json").read_text())
+    assert summary["steps"] == STEPS and not summary["preempted"]
+    assert sorted(losses(reference)) == list(range(1, STEPS + 1))
+    tag = reference / "checkpoints" / f"step_{STEPS:08d}"
+    assert verify_checkpoint(tag) is None
+    state = json.loads((tag / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["config"]["parallel"]["ep"] == 2
+    # both ranks' expert shards were written: one file per global expert of every MoE layer
+    experts = {p.name.split("_mp_rank")[0] for p in tag.glob("layer_*_expert_*")}
+    assert len(experts) == 3 * 16, sorted(experts)
+    assert summary["loss_last"] < summary["loss_first"]
+
+
+def test_preempted_job_requeues_and_resumes_to_the_same_model(
+    slurm_cluster: SlurmCluster, reference: Path
+) -> None:
+    run_dir = CACHE / "tmp" / f"slurm-preempt-{os.getpid()}"
+    job = submit(slurm_cluster, "train_torchrun.sbatch", run_dir)
+    # what SLURM does at --signal=USR1@<s>: SIGUSR1 to every process of the job's steps
+    deadline = time.monotonic() + 180
+    while not (run_dir / "metrics.jsonl").is_file() or len(losses(run_dir)) < 2:
+        assert time.monotonic() < deadline, job_log(slurm_cluster, job)
+        time.sleep(0.05)
+    slurm_cluster.run(["scancel", "--signal=USR1", str(job)])
+    log = finished(slurm_cluster, job)
+    assert slurm_cluster.job(job)["Restarts"] == "1", log
+    assert "requeued" in log and "restart 1" in log, log
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == STEPS and 0 < summary["steps_this_run"] < STEPS, summary
+    # no step lost or trained twice: the jsonl (appended by both runs) has each step once
+    steps = [r["step"] for r in read_metrics(run_dir) if "loss/train" in r]
+    assert steps == list(range(1, STEPS + 1)), steps
+    ref, got = losses(reference), losses(run_dir)
+    for s in ref:
+        assert got[s] == pytest.approx(ref[s], rel=1e-6, abs=1e-6), (s, got[s], ref[s])
+    a = load_safetensors(reference / "final" / "model.safetensors")
+    b = load_safetensors(run_dir / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize(
+    "script", ["train_srun.sbatch", "train_deepspeed.sbatch"], ids=["task-per-rank", "deepspeed"]
+)
+def test_other_launch_styles_match_torchrun(
+    slurm_cluster: SlurmCluster, reference: Path, script: str
+) -> None:
+    run_dir = CACHE / "tmp" / f"slurm-{script.split('.')[0]}-{os.getpid()}"
+    finished(slurm_cluster, submit(slurm_cluster, script, run_dir))
+    ref, got = losses(reference), losses(run_dir)
+    assert sorted(got) == sorted(ref)
+    for s in ref:
+        assert got[s] == pytest.approx(ref[s], rel=1e-6, abs=1e-6), (s, got[s], ref[s])
