@@ -19,6 +19,8 @@ from deepsuite.planner.memory import (
     kv_cache_bytes,
     model_state_bytes,
     params_on_rank,
+    zero_grad_buffer,
+    zero_param_groups,
 )
 from deepsuite.planner.params import ParamBreakdown, param_breakdown
 from deepsuite.planner.plan import Plan, forward_flops_per_token, make_plan, suggestions
@@ -52,4 +54,6 @@ __all__ = [
     "sample_routing",
     "suggestions",
     "validate_layout",
+    "zero_grad_buffer",
+    "zero_param_groups",
 ]

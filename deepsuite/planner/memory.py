@@ -5,8 +5,11 @@ trainer's setup), read from its source and held equal to a running engine by
 tests/test_planner_engine.py:
 - fp32, ZeRO 0: parameters, full gradients, two Adam moments, all unpartitioned.
 - fp32, ZeRO 1 and 2: full parameters; DeepSpeed 0.19 reduces gradients into the rank's
-  partition during the backward for stage 1 as for stage 2, so the gradients, an fp32 master
-  copy of the partition and the two moments are all partition-sized.
+  partition during the backward for stage 1 as for stage 2; an fp32 master copy of the
+  partition and the two moments are partition-sized. The gradient buffer is not: DeepSpeed sizes
+  it as the WHOLE of every parameter that touches the partition (``grads_in_partition``), so a
+  rank whose partition cuts through the embedding holds the embedding's full gradient size.
+  ``zero_grad_buffer`` replays DeepSpeed's flattening (param groups, alignment, partitions).
 - bf16, ZeRO 0 (DeepSpeed's BF16_Optimizer): bf16 parameters, an fp32 gradient accumulator of
   full size, and the fp32 master + moments partitioned over the data-parallel group.
 - bf16, ZeRO 1 and 2: bf16 parameters, the bf16 gradient partition plus its fp32 copy made for the
@@ -45,17 +48,80 @@ def params_on_rank(pb: ParamBreakdown, lay: Layout) -> tuple[int, int]:
     return held, round(part)
 
 
-def model_state_bytes(pb: ParamBreakdown, lay: Layout) -> ModelStates:
-    """Weights, gradients and optimizer states one rank holds (module docstring)."""
+def zero_param_groups(cfg: Config, ep: int) -> list[tuple[bool, list[int]]]:
+    """The flat groups DeepSpeed builds from the trainer's optimizer groups, in order:
+    (is_expert, sizes of its parameters on one rank). Mirrors ``moe_param_groups``: decay /
+    no-decay dense groups, then the expert groups (chunked at DeepSpeed's max_group_size); at
+    ep 1 experts are ordinary dense parameters. Built from the model on the meta device."""
+    import torch
+
+    from deepsuite.models import DeepSeekLM
+
+    with torch.device("meta"):
+        model = DeepSeekLM(cfg)
+    groups: dict[tuple[bool, bool], list[int]] = {}
+    for name, p in model.named_parameters():
+        expert = ep > 1 and ".experts." in name
+        plain = p.ndim < 2 or "norm" in name or name.endswith(".bias")
+        groups.setdefault((expert, plain), []).append(p.numel() // (ep if expert else 1))
+    out = []
+    for key in ((False, False), (False, True), (True, False), (True, True)):
+        sizes = groups.get(key, [])
+        chunk: list[int] = []
+        for n in sizes:
+            if key[0] and chunk and sum(chunk) + n > _DS_MAX_GROUP_SIZE:
+                out.append((True, chunk))
+                chunk = []
+            chunk.append(n)
+        if chunk:
+            out.append((key[0], chunk))
+    return out
+
+
+_DS_MAX_GROUP_SIZE = 178956971  # split_params_into_different_moe_groups_for_optimizer's default
+
+
+def zero_grad_buffer(groups: list[tuple[bool, list[int]]], lay: Layout) -> list[int]:
+    """Elements of DeepSpeed's ZeRO-1/2 gradient buffer on every rank [W]: per flat group
+    (padded to a multiple of 2 x its data-parallel size and cut into equal partitions), the
+    full size of every parameter that overlaps the rank's partition. Dense groups are
+    partitioned over all W ranks (partition id = rank), expert groups over the EDP group
+    (partition id = rank // ep)."""
+    import numpy as np
+
+    per_dense, per_expert = np.zeros(lay.world, np.int64), np.zeros(lay.edp, np.int64)
+    for expert, sizes in groups:
+        dp = lay.edp if expert else lay.world
+        acc = per_expert if expert else per_dense
+        align = 2 * dp
+        part = -(-sum(sizes) // align) * align // dp
+        start = 0
+        for n in sizes:
+            first, last = start // part, (start + n - 1) // part
+            acc[first : last + 1] += n
+            start += n
+    ranks = np.arange(lay.world)
+    return (per_dense[ranks] + per_expert[ranks // lay.ep]).tolist()
+
+
+def model_state_bytes(
+    pb: ParamBreakdown, lay: Layout, grad_buffer_elems: int | None = None
+) -> ModelStates:
+    """Weights, gradients and optimizer states one rank holds (module docstring).
+
+    ``grad_buffer_elems``: the rank's ZeRO-1/2 gradient buffer from ``zero_grad_buffer``;
+    without it the partition size is used (DeepSpeed's buffer is at least that).
+    """
     held, part = params_on_rank(pb, lay)
+    gbuf = part if grad_buffer_elems is None else grad_buffer_elems
     moments = 8 * part
     if lay.precision == "fp32":
         if lay.zero_stage == 0:
             return ModelStates(4 * held, 4 * held, 8 * held)
-        return ModelStates(4 * held, 4 * part, 4 * part + moments)
+        return ModelStates(4 * held, 4 * gbuf, 4 * part + moments)
     if lay.zero_stage == 0:
         return ModelStates(2 * held, 4 * held, 4 * part + moments)
-    return ModelStates(2 * held, (2 + 4) * part, 4 * part + moments)
+    return ModelStates(2 * held, 2 * gbuf + 4 * part, 4 * part + moments)
 
 
 @dataclass(frozen=True)

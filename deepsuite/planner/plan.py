@@ -26,6 +26,8 @@ from deepsuite.planner.memory import (
     kv_cache_bytes,
     model_state_bytes,
     params_on_rank,
+    zero_grad_buffer,
+    zero_param_groups,
 )
 from deepsuite.planner.params import ParamBreakdown, param_breakdown
 
@@ -144,7 +146,10 @@ def make_plan(
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=V))
     pb = param_breakdown(cfg)
     held, _ = params_on_rank(pb, lay)
-    states = model_state_bytes(pb, lay)
+    gbuf = None
+    if lay.zero_stage > 0:  # the worst rank's DeepSpeed gradient buffer
+        gbuf = max(zero_grad_buffer(zero_param_groups(cfg, lay.ep), lay))
+    states = model_state_bytes(pb, lay, gbuf)
     acts = activation_bytes(cfg, lay, V)
     kv = kv_cache_bytes(cfg, lay.micro_batch * lay.seq_len)
     passes = 4.0 if activation_checkpointing else 3.0  # fwd + 2x fwd for bwd (+ recompute)
