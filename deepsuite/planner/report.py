@@ -126,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def plan_main(argv: Sequence[str] | None = None) -> int:
     """``deepsuite plan``: print the plan; exit 1 when it does not fit, 2 on bad input."""
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)
     hw = HARDWARE[args.gpu].replace(
         hbm_bytes=None if args.hbm_gb is None else args.hbm_gb * 1e9,
         flops=None if args.tflops is None else args.tflops * 1e12,
