@@ -77,9 +77,9 @@ def format_plan(p: Plan) -> str:
     lines += [
         f"gradient reduction    dense {_b(r.dense_bytes)} ({'IB' if r.dense_inter else 'NVLink'}),"
         f" experts {_b(r.expert_bytes)} ({'IB' if r.expert_inter else 'NVLink'}) per GPU per step",
-        f"step time (estimate)  {p.step_time:.3f} s = compute {p.time_compute:.3f} + all-to-all "
-        f"{p.time_a2a:.3f} + reduction {p.time_reduce:.3f} (no overlap; fully overlapped "
-        f"{max(p.time_compute, p.time_a2a + p.time_reduce):.3f} s)",
+        f"step time (estimate)  {p.step_time:.4g} s = compute {p.time_compute:.4g} + all-to-all "
+        f"{p.time_a2a:.4g} + reduction {p.time_reduce:.4g} (no overlap; fully overlapped "
+        f"{max(p.time_compute, p.time_a2a + p.time_reduce):.4g} s)",
     ]
     if p.fits:
         lines.append("FITS")
