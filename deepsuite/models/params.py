@@ -23,9 +23,17 @@ class ParamCount:
 
     def __str__(self) -> str:
         return (
-            f"total {self.total / 1e9:.2f}B, activated {self.activated / 1e9:.2f}B, "
-            f"routed experts {self.expert / 1e9:.2f}B, MTP {self.mtp / 1e9:.2f}B"
+            f"total {human(self.total)}, activated {human(self.activated)}, "
+            f"routed experts {human(self.expert)}, MTP {human(self.mtp)}"
         )
+
+
+def human(n: float) -> str:
+    """12_345_678 -> '12.35M'; 671_026_000_000 -> '671.03B'."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
 
 
 def count_parameters(cfg: Config, vocab_size: int | None = None) -> ParamCount:
