@@ -184,7 +184,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={self.munge_socket}
+# cred_expire also delays a requeued job's restart (default 120 s)
+AuthInfo=socket={self.munge_socket},cred_expire=10
 StateSaveLocation={d}/state
 SlurmdSpoolDir={d}/spool/%n
 SlurmctldPidFile={d}/slurmctld.pid
@@ -205,7 +206,7 @@ JobCompType=jobcomp/none
 ReturnToService=2
 SlurmdParameters=config_overrides
 JobRequeue=1
-KillWait=10
+KillWait=5
 MinJobAge=600
 SchedulerType=sched/builtin
 {nodes}
