@@ -153,6 +153,21 @@ def test_dispatch_skips_empty_slots_and_weights_get_grads():
     assert x.grad.tolist() == [[5.0, 5.0], [22.5, 22.5], [0.0, 0.0]]
 
 
+def test_dispatch_combine_gradcheck_with_empty_slots():
+    d = LocalDispatcher(4)
+    ids = torch.tensor([[3, -1, 0], [1, 3, -1], [2, 0, 1], [-1, -1, 2]])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.rand(4, 3, dtype=torch.float64, generator=g).masked_fill(ids < 0, 0).requires_grad_()
+    m = torch.randn(8, 3, dtype=torch.float64, generator=g)  # row-wise nonlinearity stand-in
+
+    def f(x, w):
+        x_ND, _counts, state = d.dispatch(x, ids, w)
+        return d.combine(torch.tanh(x_ND * m[: x_ND.shape[0]]), state)
+
+    assert torch.autograd.gradcheck(f, (x, w))
+
+
 def test_readme_snippet_full_size_on_meta_and_small_for_real():
     from deepsuite.layers.moe import DeepSeekMoE as SeedMoE  # integrator re-exports this
 

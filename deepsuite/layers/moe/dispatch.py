@@ -30,18 +30,62 @@ class Dispatcher(Protocol):
 
 
 class LocalState(NamedTuple):
-    """token_N: source token of each sorted row; weight_N: its gate weight (float32, has grad)."""
+    """order_S: flat slot (t*K + k) of each sorted row; inv_S: sorted row of each flat slot
+    (rows >= n_rows are empty slots); weights_TK: gate weights (have grad); dtype: x's dtype."""
 
-    token_N: Tensor
-    weight_N: Tensor
-    n_tokens: int
+    order_S: Tensor
+    inv_S: Tensor
+    n_rows: int
+    weights_TK: Tensor
     dtype: torch.dtype
 
 
-class LocalDispatcher:
-    """Single-device dispatcher: stable sort of the (token, slot) pairs by expert id.
+class _GatherTokens(torch.autograd.Function):
+    """x_ND = x_TD[order // K][:N]. Backward without atomics: un-sort the row grads with the
+    inverse permutation (a gather), then sum each token's K slots."""
 
-    Empty slots (id -1) are skipped, so tokens may carry different numbers of experts.
+    @staticmethod
+    def forward(ctx, x_TD, order_S, inv_S, n_rows, K):  # type: ignore[override]
+        ctx.save_for_backward(inv_S)
+        ctx.n_rows, ctx.K = n_rows, K
+        token_N = torch.div(order_S[:n_rows], K, rounding_mode="floor")
+        return x_TD.index_select(0, token_N)
+
+    @staticmethod
+    def backward(ctx, g_ND):  # type: ignore[override]
+        (inv_S,) = ctx.saved_tensors
+        g_TKD = _pad_rows(g_ND, inv_S.numel()).index_select(0, inv_S)
+        return g_TKD.view(-1, ctx.K, g_ND.shape[1]).sum(dim=1), None, None, None, None
+
+
+class _UnsortRows(torch.autograd.Function):
+    """y_SD[s] = y_ND[inv[s]] (0 for empty slots); backward is the gather by ``order``."""
+
+    @staticmethod
+    def forward(ctx, y_ND, order_S, inv_S):  # type: ignore[override]
+        ctx.save_for_backward(order_S)
+        ctx.n_rows = y_ND.shape[0]
+        return _pad_rows(y_ND, inv_S.numel()).index_select(0, inv_S)
+
+    @staticmethod
+    def backward(ctx, g_SD):  # type: ignore[override]
+        (order_S,) = ctx.saved_tensors
+        return g_SD.index_select(0, order_S[: ctx.n_rows]), None, None
+
+
+def _pad_rows(x: Tensor, n: int) -> Tensor:
+    """x with zero rows appended up to n rows (no copy when it already has n)."""
+    if x.shape[0] == n:
+        return x
+    return torch.cat([x, x.new_zeros(n - x.shape[0], *x.shape[1:])])
+
+
+class LocalDispatcher:
+    """Single-device dispatcher: stable sort of the T*K (token, slot) pairs by expert id.
+
+    Empty slots (id -1) sort last and are cut off, so tokens may carry different numbers of
+    experts. Dispatch and combine are gathers both ways (forward and backward): no atomic
+    scatter-add, which is slow on GPUs; combine is one batched [1, K] x [K, D] product per token.
     """
 
     def __init__(self, n_experts: int) -> None:
@@ -66,28 +110,34 @@ class LocalDispatcher:
             raise ValueError(
                 f"weights_TK must match ids_TK {tuple(ids_TK.shape)}, got {tuple(weights_TK.shape)}"
             )
-        T, K = ids_TK.shape
-        ids = ids_TK.reshape(-1)
-        # empty slots sort after every real expert and are cut off below
-        key = torch.where(ids < 0, self.n_experts, ids)
-        order = torch.sort(key, stable=True)[1]
-        counts_E = torch.bincount(key, minlength=self.n_experts + 1)[: self.n_experts]
-        n_rows = T * K - int((ids < 0).sum()) if K else 0
-        order = order[:n_rows]
-        token_N = torch.div(order, K, rounding_mode="floor") if K else order
-        weight_N = weights_TK.reshape(-1).index_select(0, order)
-        x_ND = x_TD.index_select(0, token_N)
-        return x_ND, counts_E, LocalState(token_N, weight_N, T, x_TD.dtype)
+        K = ids_TK.shape[1]
+        # empty slots get key E: they sort after every real expert and are cut off below
+        key_S = torch.where(ids_TK < 0, self.n_experts, ids_TK).reshape(-1)
+        order_S = torch.sort(key_S, stable=True)[1]
+        inv_S = torch.empty_like(order_S)
+        inv_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
+        counts = torch.bincount(key_S, minlength=self.n_experts + 1)
+        n_rows = key_S.numel() - int(counts[self.n_experts])  # host sync: N sizes the output
+        x_ND = _GatherTokens.apply(x_TD, order_S, inv_S, n_rows, max(K, 1))
+        return (
+            x_ND,
+            counts[: self.n_experts],
+            LocalState(order_S, inv_S, n_rows, weights_TK, x_TD.dtype),
+        )
 
     def combine(self, y_ND: Tensor, state: LocalState) -> Tensor:
-        """y_ND [N, D] expert outputs in dispatch order -> out_TD [T, D] (x's dtype)."""
-        token_N, weight_N, T, dtype = state
-        if y_ND.shape[0] != token_N.shape[0]:
-            raise ValueError(f"y_ND must have {token_N.shape[0]} rows, got {y_ND.shape[0]}")
-        # weight in float32, then cast: bf16 experts still get an fp32-accurate weighted sum
-        wy_ND = y_ND * weight_N.unsqueeze(1).to(torch.promote_types(y_ND.dtype, torch.float32))
-        out = wy_ND.new_zeros(T, y_ND.shape[1]).index_add_(0, token_N, wy_ND)
-        return out.to(dtype)
+        """y_ND [N, D] expert outputs in dispatch order -> out_TD [T, D] (x's dtype).
+
+        The weighted sum runs in y's dtype (weights cast to it, as HF and DeepSeek do); the
+        batched product accumulates in float32 inside the kernel.
+        """
+        order_S, inv_S, n_rows, weights_TK, dtype = state
+        if y_ND.shape[0] != n_rows:
+            raise ValueError(f"y_ND must have {n_rows} rows, got {y_ND.shape[0]}")
+        T, K = weights_TK.shape
+        y_TKD = _UnsortRows.apply(y_ND, order_S, inv_S).view(T, K, y_ND.shape[1])
+        out_TD = torch.bmm(weights_TK.to(y_ND.dtype).unsqueeze(1), y_TKD).squeeze(1)
+        return out_TD.to(dtype)
 
 
 def dispatch_reference(x_TD: Tensor, ids_TK: Tensor, n_experts: int) -> tuple[Tensor, Tensor]:
