@@ -279,7 +279,9 @@ class TrainConfig:
     run_dir: str = "runs/default"
     resume: str = "auto"
     stop_at_step: int = 0  # end this invocation (with a checkpoint) at this step; 0 = train.steps
-    export_final: bool = True  # write <run_dir>/final/model.safetensors (experts gathered) at the end
+    export_final: bool = (
+        True  # write <run_dir>/final/model.safetensors (experts gathered) at the end
+    )
 
     def __post_init__(self) -> None:
         _positive("train", self, "steps", "micro_batch_size", "global_batch_size", "keep_last")
@@ -305,10 +307,14 @@ class LoggingConfig:
     console: bool = True
     log_every: int = 1
     moe_every: int = 10
+    peak_tflops: float = (
+        0.0  # per device, for perf/mfu (e.g. 989 for H100 SXM bf16); 0 = not logged
+    )
 
     def __post_init__(self) -> None:
         _one_of("logging.wandb", self.wandb, ["disabled", "offline", "online"])
         _positive("logging", self, "log_every", "moe_every")
+        _non_negative("logging", self, "peak_tflops")
 
 
 @dataclass

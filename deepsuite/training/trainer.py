@@ -28,11 +28,12 @@ from deepsuite.distributed.expert_parallel import (
     sync_and_update_bias,
     verify_bias_identical,
 )
+from deepsuite.models import count_parameters
 from deepsuite.training import checkpoint as ckpt
 from deepsuite.training.engine import RunParts, build_run
 from deepsuite.training.export import export_safetensors
 from deepsuite.training.metrics import MetricsLogger
-from deepsuite.training.moe_stats import MoEStatsTracker
+from deepsuite.training.moe_stats import MoEStatsTracker, comm_stats, flops_per_token, mfu
 from deepsuite.training.schedule import bias_gamma
 
 
@@ -82,7 +83,11 @@ class StopRequested:
             return False
         try:
             res = subprocess.run(
-                ["scontrol", "requeue", job], capture_output=True, text=True, timeout=60
+                ["scontrol", "requeue", job],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env=dict(env),
             )
         except (OSError, subprocess.TimeoutExpired) as err:
             print(f"preempted: could not requeue SLURM job {job}: {err}", flush=True)
@@ -132,6 +137,15 @@ class Trainer:
         )
         self.history: list[float] = []
         self.last_val: dict[str, float] = {}
+        self.peak_flops = self.cfg.logging.peak_tflops * 1e12
+        m, a = self.cfg.model, self.cfg.mla
+        active = count_parameters(self.cfg).activated - m.vocab_size * m.dim  # embedding: a lookup
+        self.flops_per_token = flops_per_token(
+            active,
+            n_layers=m.n_layers,
+            seq_len=self.cfg.data.seq_len,
+            attn_dim=m.n_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim),
+        )
 
     # ---- checkpoints -------------------------------------------------------------------------
     def resume(self) -> None:
@@ -187,12 +201,12 @@ class Trainer:
         return tag_dir
 
     # ---- one optimizer step ------------------------------------------------------------------
-    def train_step(self) -> dict[str, float]:
-        engine, t = (
-            self.p.engine,
-            {"forward": 0.0, "backward": 0.0, "optimizer": 0.0, "dispatch": 0.0},
-        )
-        loss_sum = torch.zeros(())
+    def train_step(self) -> dict[str, Any]:
+        """grad_accum micro-batches, one optimizer step, one bias update; returns global metrics."""
+        engine = self.p.engine
+        t = dict.fromkeys(("forward", "backward", "optimizer", "dispatch"), 0.0)
+        # this rank's [lm loss, expert rows received, all-to-all bytes sent, all-to-all seconds]
+        local = torch.zeros(4, dtype=torch.float64)
         start = time.perf_counter()
         for _ in range(self.p.grad_accum):
             batch = next(self.p.train_loader)
@@ -209,31 +223,34 @@ class Trainer:
             t["forward"] += t1 - t0
             t["backward"] += t2 - t1
             t["optimizer"] += t3 - t2
-            t["dispatch"] += sum(
-                s.a2a_time_s
-                for _, m in self.layers
-                if (s := getattr(m.dispatcher, "last_comm_stats", None))
-            )
-            loss_sum += out.lm_loss.detach().float().cpu()
+            local[0] += out.lm_loss.detach().double().cpu()
+            for _, moe in self.layers:
+                stats = getattr(moe.dispatcher, "last_comm_stats", None)  # set by all-to-all only
+                if stats is not None:
+                    local[1:] += torch.tensor(
+                        [stats.rows_received, stats.bytes_sent, stats.a2a_time_s],
+                        dtype=torch.float64,
+                    )
+        t["dispatch"] = float(local[3])
         counts = sync_and_update_bias(self.p.model, bias_gamma(self.tokens_seen, self.cfg.moe))
-        loss = loss_sum / self.p.grad_accum
-        dist.all_reduce(loss, op=dist.ReduceOp.SUM)
-        loss = float(loss) / self.p.env.world_size
+        world = self.p.env.world_size
+        per_rank = torch.empty(world * 4, dtype=torch.float64)
+        dist.all_gather_into_tensor(per_rank, local)
+        per_rank = per_rank.view(world, 4)
         elapsed = time.perf_counter() - start
+        loss = float(per_rank[:, 0].sum()) / (world * self.p.grad_accum)
         tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_len
         self.tokens_seen += tokens
         self.step += 1
         self.history.append(loss)
         for (layer, moe), c in zip(self.layers, counts.values(), strict=True):
             stats = moe.last_stats
+            seq_aux = (
+                None if stats is None or stats.seq_aux_loss is None else float(stats.seq_aux_loss)
+            )
+            entropy = None if stats is None else float(stats.entropy)
             self.tracker.update(
-                layer,
-                c,
-                moe.router.expert_bias,
-                entropy=float(stats.entropy) if stats is not None else None,
-                seq_aux_loss=float(stats.seq_aux_loss)
-                if stats is not None and stats.seq_aux_loss is not None
-                else None,
+                layer, c, moe.router.expert_bias, entropy=entropy, seq_aux_loss=seq_aux
             )
         metrics: dict[str, Any] = {
             "loss/train": loss,
@@ -243,14 +260,21 @@ class Trainer:
             "perf/tokens_seen": self.tokens_seen,
             **{f"time/{k}": v for k, v in t.items()},
         }
+        if self.peak_flops > 0:
+            metrics["perf/mfu"] = mfu(
+                tokens / elapsed, self.flops_per_token, self.peak_flops * world
+            )
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
             metrics["optim/grad_norm"] = float(grad_norm)
-        comm = [getattr(m.dispatcher, "last_comm_stats", None) for _, m in self.layers]
-        if any(s is not None for s in comm):
-            sent = torch.tensor([float(sum(s.bytes_sent for s in comm if s is not None))])
-            dist.all_reduce(sent, op=dist.ReduceOp.SUM)
-            metrics["comm/a2a_bytes"] = float(sent)
+        if self.cfg.parallel.ep > 1:  # the straggler view: expert rows each rank computed
+            metrics.update(
+                comm_stats(
+                    per_rank[:, 1].numpy(),
+                    a2a_bytes=float(per_rank[:, 2].sum()),
+                    a2a_time_s=float(per_rank[:, 3].max()),
+                )
+            )
         return metrics
 
     @torch.no_grad()
@@ -310,6 +334,8 @@ class Trainer:
                     metrics.update(self.evaluate())
             if self.step % self.cfg.logging.log_every == 0 or "loss/val" in metrics:
                 self.logger.log(metrics, step=self.step)
+            if "loss/val" in metrics and self.cfg.logging.wandb != "disabled":
+                self.logger.log_images(self.step)  # heatmaps and bias trajectories so far
             if stop.agreed():
                 self.save()
                 preempted = True
