@@ -85,7 +85,7 @@ class LocalDispatcher:
 
     Empty slots (id -1) sort last and are cut off, so tokens may carry different numbers of
     experts. Dispatch and combine are gathers both ways (forward and backward): no atomic
-    scatter-add, which is slow on GPUs; combine is one batched [1, K] x [K, D] product per token.
+    scatter-add, which is slow on GPUs; combine is a weighted sum over each token's K slots.
     """
 
     def __init__(self, n_experts: int) -> None:
@@ -128,15 +128,18 @@ class LocalDispatcher:
     def combine(self, y_ND: Tensor, state: LocalState) -> Tensor:
         """y_ND [N, D] expert outputs in dispatch order -> out_TD [T, D] (x's dtype).
 
-        The weighted sum runs in y's dtype (weights cast to it, as HF and DeepSeek do); the
-        batched product accumulates in float32 inside the kernel.
+        The weighted sum runs in y's dtype (weights cast to it, as HF and DeepSeek do).
         """
         order_S, inv_S, n_rows, weights_TK, dtype = state
         if y_ND.shape[0] != n_rows:
             raise ValueError(f"y_ND must have {n_rows} rows, got {y_ND.shape[0]}")
         T, K = weights_TK.shape
         y_TKD = _UnsortRows.apply(y_ND, order_S, inv_S).view(T, K, y_ND.shape[1])
-        out_TD = torch.bmm(weights_TK.to(y_ND.dtype).unsqueeze(1), y_TKD).squeeze(1)
+        w_TK = weights_TK.to(y_ND.dtype)
+        if y_TKD.is_cuda:  # batched m=1 GEMMs are slow on GPUs: multiply-and-sum is memory-bound
+            out_TD = (y_TKD * w_TK.unsqueeze(-1)).sum(dim=1)
+        else:  # on CPU the batched product beats the elementwise form (~2.5x measured)
+            out_TD = torch.bmm(w_TK.unsqueeze(1), y_TKD).squeeze(1)
         return out_TD.to(dtype)
 
 
