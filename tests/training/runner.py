@@ -99,6 +99,7 @@ def run_train(
     launcher: str = "torchrun",
     timeout: float = 600,
     check: bool = True,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     cmd = [
         *launch_cmd(launcher, nproc),
@@ -109,6 +110,7 @@ def run_train(
         *overrides,
     ]
     e = env()
+    e.update(extra_env or {})
     if launcher == "accelerate":
         e["ACCELERATE_USE_CPU"] = "1"
     proc = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
