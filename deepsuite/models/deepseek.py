@@ -95,7 +95,11 @@ class Block(nn.Module):
 
 
 class MTPModule(nn.Module):
-    """One DeepSeek-V3 multi-token-prediction depth: h' = Block(W [RMSNorm(h); RMSNorm(emb)])."""
+    """One DeepSeek-V3 multi-token-prediction depth: h' = Block(W [RMSNorm(h); RMSNorm(emb)]).
+
+    The embedding and output head are the main model's; the output norm is the module's own
+    (``shared_head.norm`` in the DeepSeek-V3 release).
+    """
 
     def __init__(self, cfg: Config, moe: bool) -> None:
         super().__init__()
@@ -104,6 +108,7 @@ class MTPModule(nn.Module):
         self.embed_norm = nn.RMSNorm(dim, eps=eps)
         self.proj = nn.Linear(2 * dim, dim, bias=False)
         self.block = Block(cfg, moe=moe)
+        self.norm = nn.RMSNorm(dim, eps=eps)
 
     def forward(self, h_BSD: Tensor, emb_BSD: Tensor, position_ids: Tensor | None = None) -> Tensor:
         joined = torch.cat([self.hidden_norm(h_BSD), self.embed_norm(emb_BSD)], dim=-1)
@@ -210,7 +215,7 @@ class DeepSeekLM(nn.Module):
             next_emb = self.embed(target.clamp_min(0))
             target = torch.cat([target[:, 1:], ignore], dim=1)
             h_BSD = module(h_BSD, next_emb, position_ids)
-            logits = self.head(self.norm(h_BSD)).float()
+            logits = self.head(module.norm(h_BSD)).float()
             losses.append(
                 F.cross_entropy(
                     logits.view(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX

@@ -28,6 +28,7 @@ from deepsuite.distributed.expert_parallel import (
     sync_and_update_bias,
     verify_bias_identical,
 )
+from deepsuite.distributed.reshard import load_any_layout
 from deepsuite.models import count_parameters
 from deepsuite.training import checkpoint as ckpt
 from deepsuite.training.engine import RunParts, build_run
@@ -123,18 +124,6 @@ class Trainer:
         self.tracker = MoEStatsTracker(
             self.cfg.moe.n_routed_experts, window=max(10, self.cfg.logging.moe_every)
         )
-        self.logger = MetricsLogger(
-            parts.run_dir,
-            rank=self.rank,
-            config=self.cfg.to_dict(),
-            wandb_mode=self.cfg.logging.wandb,
-            project=self.cfg.logging.project,
-            name=self.cfg.logging.name or None,
-            group=self.cfg.logging.group or None,
-            tags=list(self.cfg.logging.tags) or None,
-            console=self.cfg.logging.console,
-            total_steps=self.cfg.train.steps,
-        )
         self.history: list[float] = []
         self.last_val: dict[str, float] = {}
         self.peak_flops = self.cfg.logging.peak_tflops * 1e12
@@ -160,7 +149,8 @@ class Trainer:
                 raise ValueError(f"train.resume: no complete checkpoint under {ckpt_dir}")
             return
         tag_dir = ckpt_dir / tag[0]
-        self.p.engine.load_checkpoint(str(ckpt_dir), tag=tag[0])
+        # any EP / world / ZeRO layout: native load when it matches, else resharded on load
+        load_any_layout(self.p.engine, self.p.model, ckpt_dir, tag[0])
         state = ckpt.read_trainer_state(tag_dir)
         ckpt.load_rank_state(tag_dir, self.rank)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
@@ -317,9 +307,35 @@ class Trainer:
         return out
 
     # ---- the loop ----------------------------------------------------------------------------
+    def open_logger(self) -> MetricsLogger:
+        """After resume: steps past the checkpoint (trained before a crash) leave the jsonl, so
+        every step appears once and the resumed steps are logged afresh."""
+        jsonl = self.p.run_dir / "metrics.jsonl"
+        if self.rank == 0 and jsonl.is_file():
+            kept = [
+                line
+                for line in jsonl.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= self.step
+            ]
+            ckpt.atomic_write_text(jsonl, "".join(line + "\n" for line in kept))
+        log = self.cfg.logging
+        return MetricsLogger(
+            self.p.run_dir,
+            rank=self.rank,
+            config=self.cfg.to_dict(),
+            wandb_mode=log.wandb,
+            project=log.project,
+            name=log.name or None,
+            group=log.group or None,
+            tags=list(log.tags) or None,
+            console=log.console,
+            total_steps=self.cfg.train.steps,
+        )
+
     def fit(self) -> dict[str, Any]:
         cfg, stop = self.cfg.train, StopRequested()
         self.resume()
+        self.logger = self.open_logger()
         first_step = self.step
         t_start, tokens_start = time.perf_counter(), self.tokens_seen
         preempted = False

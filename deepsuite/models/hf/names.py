@@ -7,8 +7,8 @@ A :class:`Slot` says where one HF tensor lives in the (unsharded) deepsuite stat
   * ``eh_proj``: the MTP projection. HF/vLLM order its input as [enorm(emb); hnorm(h)], deepsuite's
     ``MTPModule.proj`` as [hidden_norm(h); embed_norm(emb)]: the two input halves swap;
   * ``shared``: an HF copy of a tensor deepsuite shares (the MTP layer's embed_tokens and
-    shared_head.head/norm = the main embedding, head and final norm): written on save, checked
-    on load (a real checkpoint whose MTP norm differs is refused, see ``io.py``).
+    shared_head.head = the main embedding and head): written on save, checked on load (see
+    ``io.py``). The MTP output norm (shared_head.norm) is the MTP module's own ``norm``.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def hf_slots(cfg: Config, *, v3: bool = True) -> list[Slot]:
             Slot(f"{hf}hnorm.weight", f"{ds}hidden_norm.weight"),
             Slot(f"{hf}eh_proj.weight", f"{ds}proj.weight", kind="eh_proj"),
             Slot(f"{hf}embed_tokens.weight", "embed.weight", kind="shared"),
-            Slot(f"{hf}shared_head.norm.weight", "norm.weight", kind="shared"),
+            Slot(f"{hf}shared_head.norm.weight", f"{ds}norm.weight"),
             Slot(f"{hf}shared_head.head.weight", "head.weight", kind="shared"),
         ]
         slots += _block(cfg, hf, f"{ds}block.", moe_mtp, v3=v3)
