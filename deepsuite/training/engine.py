@@ -82,8 +82,6 @@ def _keep_balancing_state_fp32(model: DeepSeekLM) -> None:
 
 def build_run(cfg: Config) -> RunParts:
     """Validate, start torch.distributed, build data, model and the DeepSpeed engine."""
-    import deepspeed
-
     env = detect_env()
     validate_before_launch(cfg, env)  # before any collective
     init_distributed(cfg.parallel.backend, cfg.parallel.collective_timeout_s)
@@ -120,7 +118,20 @@ def build_run(cfg: Config) -> RunParts:
         apply_expert_parallel(model, groups)
 
     grad_accum = cfg.grad_accumulation_steps(W)
-    # ep 1: experts are ordinary data-parallel parameters and land in the dense groups
+    engine = build_engine(cfg, model, deepspeed_config(cfg, grad_accum))
+    return RunParts(
+        cfg, env, run_dir, engine, model, tokenizer, train_loader, val_loader, grad_accum
+    )
+
+
+def build_engine(cfg: Config, model: DeepSeekLM, ds_config: dict[str, Any]) -> Any:
+    """AdamW over the decay / no-decay / expert groups, the LR schedule, the DeepSpeed engine.
+
+    Shared by :func:`build_run` and the checkpoint resharder, so both build the same optimizer
+    layout (ep 1: experts are ordinary data-parallel parameters in the dense groups).
+    """
+    import deepspeed
+
     param_groups = moe_param_groups(model, cfg.optim.weight_decay)
     o = cfg.optim
     optimizer = torch.optim.AdamW(param_groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
@@ -133,11 +144,9 @@ def build_run(cfg: Config) -> RunParts:
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, grad_accum),
+        config=ds_config,
         dist_init_required=False,
     )
     engine.checkpoint_engine = make_safe_checkpoint_engine()
     _keep_balancing_state_fp32(model)
-    return RunParts(
-        cfg, env, run_dir, engine, model, tokenizer, train_loader, val_loader, grad_accum
-    )
+    return engine
