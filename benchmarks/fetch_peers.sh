@@ -12,8 +12,8 @@ if [ ! -f "$P/seed/deepsuite/layers/moe.py" ]; then
   python3 -m zipfile -e "$P"/deepsuite-1.0.8-py3-none-any.whl "$P/seed"
 fi
 if [ ! -d "$P/tt/torchtitan" ]; then
-  # torchtitan's MoE imports these four; triton only for a type check on CPU
-  "$PIP" install -q --no-deps --target "$P/tt" torchtitan==0.3.0 spmd-types tyro docstring-parser \
+  # torchtitan's MoE module imports these at load time
+  "$PIP" install -q --no-deps --target "$P/tt" torchtitan==0.3.0 spmd-types tyro docstring-parser triton \
     || echo "torchtitan not installed: its MoE row will say why" >&2
 fi
 echo "peers in $P"

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PEERS = ROOT / ".cache" / "peers"
+PEERS = Path(os.environ.get("DEEPSUITE_PEERS", ROOT / ".cache" / "peers"))  # fetch_peers.sh
 ALL = ["ours", "dense", "deepspeed", "hf", "hf_grouped", "titan", "seed_eff", "seed_loop"]
 SLOW = {"seed_loop": 256}  # per-token loop: timed on this many tokens, reported per token
 
