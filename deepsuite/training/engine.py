@@ -7,6 +7,7 @@ message on every rank before any collective could hang.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from deepsuite.data import PackedLoader, Tokenizer, prepare_data, validate_data_
 from deepsuite.distributed import DistEnv, check_same_config, detect_env, init_distributed
 from deepsuite.distributed.expert_parallel import apply_expert_parallel, moe_param_groups
 from deepsuite.distributed.groups import setup_expert_parallel, validate_expert_parallel
+from deepsuite.distributed.topology import resolve_group_limit
 from deepsuite.models import DeepSeekLM
 from deepsuite.training.checkpoint import make_safe_checkpoint_engine
 from deepsuite.training.schedule import lr_factor
@@ -84,6 +86,18 @@ def build_run(cfg: Config) -> RunParts:
     """Validate, start torch.distributed, build data, model and the DeepSpeed engine."""
     env = detect_env()
     validate_before_launch(cfg, env)  # before any collective
+    if cfg.model.n_dense_layers < cfg.model.n_layers:  # router groups = EP ranks / nodes
+        limit = resolve_group_limit(
+            cfg.parallel.limit_groups_to,
+            cfg.moe.n_routed_experts,
+            cfg.moe.n_group,
+            cfg.moe.topk_group,
+            cfg.parallel.ep,
+            env.local_world_size,
+            env.world_size,
+        )
+        if limit.n_group != cfg.moe.n_group:  # derived from n_group=1; revalidates the section
+            cfg.moe = dataclasses.replace(cfg.moe, n_group=limit.n_group)
     init_distributed(cfg.parallel.backend, cfg.parallel.collective_timeout_s)
     check_same_config(cfg.to_dict())
     run_dir = Path(cfg.train.run_dir)
