@@ -47,6 +47,49 @@ def _one_of(key: str, value: Any, allowed: Sequence[Any]) -> None:
 
 
 @dataclass
+class AuxHeadConfig:
+    """An auxiliary head: a stack of ``deepsuite.layers`` / ``torch.nn`` modules on the hidden
+    states after block ``layer``, trained to predict the token at ``offset`` from each position
+    (1 = the next token, 2 = the one after, 0 = the current one), with loss weight ``weight``.
+
+    ``modules`` items are ``{type: ClassName, args: {...}}``; an argument written ``"@dim"`` or
+    ``"@vocab"`` is replaced by the model dim or the vocabulary size when the model is built.
+    """
+
+    name: str = MISSING
+    layer: int = -1
+    modules: list[dict[str, Any]] = field(default_factory=list)
+    target: str = "token"
+    offset: int = 1
+    loss: str = "cross_entropy"
+    weight: float = 0.1
+
+    def __post_init__(self) -> None:
+        key = f"model.aux_heads[{self.name}]"
+        _check(
+            self.name.isidentifier(),
+            f"{key}.name",
+            "an identifier (used in metric keys)",
+            self.name,
+        )
+        _check(
+            bool(self.modules), f"{key}.modules", "at least one {type, args} module", self.modules
+        )
+        for i, m in enumerate(self.modules):
+            _check(
+                isinstance(m, dict)
+                and isinstance(m.get("type"), str)
+                and set(m) <= {"type", "args"},
+                f"{key}.modules[{i}]",
+                "a mapping with 'type' (a class name) and optional 'args'",
+                m,
+            )
+        _one_of(f"{key}.target", self.target, ["token"])
+        _one_of(f"{key}.loss", self.loss, ["cross_entropy"])
+        _non_negative("model.aux_heads", self, "weight")
+
+
+@dataclass
 class ModelConfig:
     """Decoder shape. ``n_dense_layers`` leading blocks use a dense SwiGLU, the rest DeepSeekMoE."""
 
@@ -62,9 +105,19 @@ class ModelConfig:
     init_std: float = 0.02
     mtp_depth: int = 0
     mtp_loss_weight: float = 0.3
+    aux_heads: list[AuxHeadConfig] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _positive("model", self, "dim", "n_layers", "n_heads", "inter_dim")
+        names = [h.name for h in self.aux_heads]
+        _check(len(set(names)) == len(names), "model.aux_heads", "unique names", names)
+        for h in self.aux_heads:
+            _check(
+                -self.n_layers <= h.layer < self.n_layers,
+                f"model.aux_heads[{h.name}].layer",
+                f"a block index in [-{self.n_layers}, {self.n_layers})",
+                h.layer,
+            )
         _non_negative("model", self, "vocab_size")
         _positive("model", self, "max_seq_len", "norm_eps", "init_std")
         _non_negative("model", self, "n_dense_layers", "mtp_depth", "mtp_loss_weight")
@@ -396,24 +449,34 @@ def _clean_message(err: OmegaConfBaseException) -> str:
     return f"{key}: {reason}" if key else reason
 
 
+def _yaml_chain(path: Path, seen: tuple[Path, ...]) -> list[dict[str, Any]]:
+    """The YAML mappings to merge, base first: a file may name another in ``extends:`` (a path
+    relative to itself) and override only what differs."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'extends' forms a cycle through {[str(p) for p in seen]}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    base = data.pop("extends", None)
+    data.setdefault("name", path.stem)
+    if base is None:
+        return [data]
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: extends: expected a path to another YAML file, got {base!r}")
+    return [*_yaml_chain(path.parent / base, (*seen, path.resolve())), data]
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Build a :class:`Config` from defaults, a YAML file (``yaml.safe_load``) and dotted overrides.
+    """Build a :class:`Config` from defaults, a YAML file (``yaml.safe_load``; it may ``extends:``
+    another) and dotted overrides.
 
     Raises :class:`ConfigError` naming the key for unknown keys, wrong types and bad values.
     """
-    schema = OmegaConf.structured(Config)
-    layers = [schema]
+    layers = [OmegaConf.structured(Config)]
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(
-                f"{path}: expected a mapping at the top level, got {type(data).__name__}"
-            )
-        data.setdefault("name", path.stem)
-        layers.append(OmegaConf.create(data))
+        layers += [OmegaConf.create(d) for d in _yaml_chain(Path(path), seen=())]
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected the form key.sub=value")

@@ -85,3 +85,13 @@ def test_world_checks():
     )
     with pytest.raises(ConfigError, match=r"parallel\.ep: expected a divisor of the world size"):
         cfg.check_world(2 * 3)
+
+
+def test_extends_merges_base_first(tmp_path):
+    (tmp_path / "base.yaml").write_text("train:\n  steps: 7\n  micro_batch_size: 2\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\ntrain:\n  steps: 9\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.train.steps, cfg.train.micro_batch_size, cfg.name) == (9, 2, "child")
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "loop.yaml")

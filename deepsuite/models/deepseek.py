@@ -11,7 +11,7 @@ Letters: B batch, S sequence, D model dim, V vocabulary.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ from deepsuite.config import Config
 from deepsuite.layers.attention import MultiHeadLatentAttention
 from deepsuite.layers.mlp import SwiGLU
 from deepsuite.layers.moe import DeepSeekMoE
+from deepsuite.models.aux_heads import aux_head_loss, build_aux_head
 
 IGNORE_INDEX = -100
 
@@ -122,6 +123,7 @@ class LMOutput:
     lm_loss: Tensor | None = None
     mtp_loss: Tensor | None = None
     moe_aux_loss: Tensor | None = None
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)  # per auxiliary head, unweighted
 
 
 class DeepSeekLM(nn.Module):
@@ -145,6 +147,13 @@ class DeepSeekLM(nn.Module):
             self.head.weight = self.embed.weight
         moe_mtp = m.n_dense_layers < m.n_layers
         self.mtp = nn.ModuleList(MTPModule(cfg, moe=moe_mtp) for _ in range(m.mtp_depth))
+        self.aux_heads = nn.ModuleDict(
+            {h.name: build_aux_head(h, m.dim, m.vocab_size) for h in m.aux_heads}
+        )
+        # block index -> heads reading its output (negative indices count from the end)
+        self._aux_at = {h.layer % m.n_layers: [] for h in m.aux_heads}
+        for h in m.aux_heads:
+            self._aux_at[h.layer % m.n_layers].append(h)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -153,7 +162,7 @@ class DeepSeekLM(nn.Module):
         std = self.cfg.model.init_std
         out_std = std / math.sqrt(2 * self.cfg.model.n_layers)
         for name, p in self.named_parameters():
-            if p.is_meta:
+            if p.is_meta or name.startswith("aux_heads."):  # heads keep their layers' own init
                 continue
             if p.dim() == 1:  # norm gains
                 p.fill_(1.0)
@@ -180,8 +189,15 @@ class DeepSeekLM(nn.Module):
             )
         emb_BSD = self.embed(input_ids)
         h_BSD = emb_BSD
-        for layer in self.layers:
+        aux_losses: dict[str, Tensor] = {}
+        for i, layer in enumerate(self.layers):
             h_BSD = layer(h_BSD, attention_mask, position_ids)
+            if labels is not None:
+                for head_cfg in self._aux_at.get(i, ()):
+                    head = self.aux_heads[head_cfg.name]
+                    aux_losses[head_cfg.name] = aux_head_loss(
+                        head, head_cfg, h_BSD, input_ids, labels
+                    )
         logits = self.head(self.norm(h_BSD))
         if labels is None:
             return LMOutput(logits=logits)
@@ -199,8 +215,15 @@ class DeepSeekLM(nn.Module):
         moe_aux = torch.stack(aux).sum() if aux else None
         if moe_aux is not None:
             total = total + moe_aux
+        for head_cfg in self.cfg.model.aux_heads:
+            total = total + head_cfg.weight * aux_losses[head_cfg.name]
         return LMOutput(
-            logits=logits, loss=total, lm_loss=lm_loss, mtp_loss=mtp_loss, moe_aux_loss=moe_aux
+            logits=logits,
+            loss=total,
+            lm_loss=lm_loss,
+            mtp_loss=mtp_loss,
+            moe_aux_loss=moe_aux,
+            aux_losses=aux_losses,
         )
 
     def _mtp_loss(

@@ -195,8 +195,10 @@ class Trainer:
         """grad_accum micro-batches, one optimizer step, one bias update; returns global metrics."""
         engine = self.p.engine
         t = dict.fromkeys(("forward", "backward", "optimizer", "dispatch"), 0.0)
-        # this rank's [lm loss, expert rows received, all-to-all bytes sent, all-to-all seconds]
-        local = torch.zeros(4, dtype=torch.float64)
+        # this rank's [lm loss, expert rows received, all-to-all bytes sent, all-to-all seconds,
+        # then each auxiliary head's loss]
+        heads = [h.name for h in self.cfg.model.aux_heads]
+        local = torch.zeros(4 + len(heads), dtype=torch.float64)
         start = time.perf_counter()
         for _ in range(self.p.grad_accum):
             batch = next(self.p.train_loader)
@@ -214,19 +216,21 @@ class Trainer:
             t["backward"] += t2 - t1
             t["optimizer"] += t3 - t2
             local[0] += out.lm_loss.detach().double().cpu()
+            for j, name in enumerate(heads):
+                local[4 + j] += out.aux_losses[name].detach().double().cpu()
             for _, moe in self.layers:
                 stats = getattr(moe.dispatcher, "last_comm_stats", None)  # set by all-to-all only
                 if stats is not None:
-                    local[1:] += torch.tensor(
+                    local[1:4] += torch.tensor(
                         [stats.rows_received, stats.bytes_sent, stats.a2a_time_s],
                         dtype=torch.float64,
                     )
         t["dispatch"] = float(local[3])
         counts = sync_and_update_bias(self.p.model, bias_gamma(self.tokens_seen, self.cfg.moe))
         world = self.p.env.world_size
-        per_rank = torch.empty(world * 4, dtype=torch.float64)
+        per_rank = torch.empty(world * local.numel(), dtype=torch.float64)
         dist.all_gather_into_tensor(per_rank, local)
-        per_rank = per_rank.view(world, 4)
+        per_rank = per_rank.view(world, local.numel())
         elapsed = time.perf_counter() - start
         loss = float(per_rank[:, 0].sum()) / (world * self.p.grad_accum)
         tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_len
@@ -249,6 +253,10 @@ class Trainer:
             "perf/step_time_s": elapsed,
             "perf/tokens_seen": self.tokens_seen,
             **{f"time/{k}": v for k, v in t.items()},
+            **{
+                f"loss/aux_{name}": float(per_rank[:, 4 + j].sum()) / (world * self.p.grad_accum)
+                for j, name in enumerate(heads)
+            },
         }
         if self.peak_flops > 0:
             metrics["perf/mfu"] = mfu(

@@ -129,3 +129,79 @@ def test_bad_input():
         model(torch.randn(2, 16))
     with pytest.raises(ValueError, match="model.vocab_size"):
         DeepSeekLM(load_config(ROOT / "configs/tiny.yaml", ["parallel.ep=1"]))
+
+
+AUX_YAML = """
+model:
+  aux_heads:
+    - name: skip2
+      layer: 1
+      offset: 2
+      weight: 0.5
+      modules:
+        - {type: LayerNorm, args: {normalized_shape: "@dim"}}
+        - {type: HermiteExpansion, args: {in_features: "@dim", out_features: "@vocab", degree: 3}}
+    - name: here
+      layer: -1
+      offset: 0
+      weight: 0.25
+      modules:
+        - {type: Linear, args: {in_features: "@dim", out_features: "@vocab"}}
+"""
+
+
+def test_aux_heads_from_config(tmp_path):
+    from deepsuite.layers import HermiteExpansion
+    from deepsuite.models.aux_heads import token_targets
+
+    path = tmp_path / "aux.yaml"
+    path.write_text(AUX_YAML)
+    cfg = load_config(path, SMALL)
+    torch.manual_seed(0)
+    model = DeepSeekLM(cfg)
+    assert isinstance(model.aux_heads["skip2"][1], HermiteExpansion)
+    ids = torch.randint(0, 64, (2, 16))
+    labels = torch.cat([ids[:, 1:], torch.randint(0, 64, (2, 1))], dim=1)
+    out = model(ids, labels)
+    assert set(out.aux_losses) == {"skip2", "here"}
+    torch.testing.assert_close(
+        out.loss, out.lm_loss + 0.5 * out.aux_losses["skip2"] + 0.25 * out.aux_losses["here"]
+    )
+    # hand-computed: head on block 1's output, target = token two positions ahead
+    with torch.no_grad():
+        h = model.embed(ids)
+        for layer in model.layers[:2]:
+            h = layer(h)
+        logits = model.aux_heads["skip2"](h)
+        tokens = torch.cat([ids, labels[:, -1:]], dim=1)
+        expect = F.cross_entropy(logits[:, :15].flatten(0, 1), tokens[:, 2:].flatten())
+    torch.testing.assert_close(out.aux_losses["skip2"], expect)
+    target = token_targets(ids, labels, 0)
+    assert torch.equal(target, ids)
+    assert (token_targets(ids, labels, -1)[:, 0] == IGNORE_INDEX).all()
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.aux_heads["skip2"].parameters())
+    assert model.embed.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("model.aux_heads=[{name: a, modules: [{type: NoSuchLayer}]}]", "modules[0].type"),
+        (
+            "model.aux_heads=[{name: a, layer: 9, modules: [{type: Linear}]}]",
+            "model.aux_heads[a].layer",
+        ),
+        (
+            "model.aux_heads=[{name: a, target: colour, modules: [{type: Linear}]}]",
+            "model.aux_heads[a].target",
+        ),
+        ("model.aux_heads=[{name: a, modules: []}]", "model.aux_heads[a].modules"),
+    ],
+)
+def test_aux_head_errors_name_the_field(override, fragment):
+    from deepsuite.config import ConfigError
+
+    with pytest.raises((ConfigError, ValueError)) as info:
+        DeepSeekLM(load_config(ROOT / "configs/tiny.yaml", [*SMALL, override]))
+    assert fragment in str(info.value)

@@ -148,3 +148,16 @@ def test_bad_world_fails_fast_on_every_rank(tmp_path):
     )
     assert time.monotonic() - start < 120
     shutil.rmtree(tmp_path / "bad", ignore_errors=True)
+
+
+def test_aux_head_trains_with_the_model(tmp_path):
+    run_dir = tmp_path / "aux"
+    head = (
+        "model.aux_heads=[{name: next2, layer: 1, offset: 2, weight: 0.5, modules: ["
+        "{type: LayerNorm, args: {normalized_shape: '@dim'}}, "
+        "{type: HermiteExpansion, args: {in_features: '@dim', out_features: '@vocab', degree: 3}}]}]"
+    )
+    run_train(run_dir, [*COMMON, *VARIANTS["ep2"][1], "train.steps=8", head], nproc=2)
+    series = [r["loss/aux_next2"] for r in metrics(run_dir)]
+    assert len(series) == 8
+    assert series[-1] < series[0] - 0.2  # the head learns, through the sharded model
