@@ -101,11 +101,16 @@ def bench_train(a: argparse.Namespace, dev: torch.device) -> tuple[str, float, f
         cfg = load_config(a.config, [*over, f"model.vocab_size={cfg.data.bpe_vocab_size}"])
     torch.manual_seed(0)
     model = DeepSeekLM(cfg).to(dev).train()
+    if a.bf16_params:  # pure bf16 weights and AdamW states (no fp32 master, no autocast)
+        model.to(torch.bfloat16)
+    if a.loop_experts:
+        for m in model.moe_layers():
+            m.experts.use_grouped_mm = False
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
     V = cfg.model.vocab_size
     ids = torch.randint(0, V, (B, L + 1), device=dev)
     inp, lab = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
-    amp = DTYPES[a.dtype] if a.dtype != "fp32" else None
+    amp = DTYPES[a.dtype] if a.dtype != "fp32" and not a.bf16_params else None
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -135,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", default="16384", help="comma list of MoE token counts")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--bf16-params", action="store_true", help="train: bf16 weights, no autocast")
+    ap.add_argument("--loop-experts", action="store_true", help="train: experts on the loop path")
     ap.add_argument("--tiny", action="store_true", help="small sizes for a CPU smoke run")
     a = ap.parse_args(argv)
     dev = torch.device(a.device)
@@ -180,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
                 row(*r)
     if "train" in modes:
         what, t, flops, n = bench_train(a, dev)
-        row(what, f"step {n / 1e9:.2f}B", t, flops)
+        var = "bf16 weights" if a.bf16_params else f"{a.dtype} autocast"
+        row(what + (" loop experts" if a.loop_experts else ""), var, t, flops)
+        print(f"train: {n / 1e9:.3f}B parameters")
         if dev.type == "cuda":
             print(f"train peak memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     return 0
