@@ -108,7 +108,8 @@ def param_breakdown(cfg: Config, vocab_size: int | None = None) -> ParamBreakdow
     if m.mtp_depth:
         moe_block = n_moe > 0
         block = 2 * D + attn + ((shared + router) if moe_block else ffn)
-        mtp_dense = m.mtp_depth * (2 * D + 2 * D * D + block)
+        # hidden_norm, embed_norm and the output norm, the [h; emb] projection, one block
+        mtp_dense = m.mtp_depth * (3 * D + 2 * D * D + block)
         mtp_experts = m.mtp_depth * (routed if moe_block else 0)
     else:
         mtp_dense = mtp_experts = 0
