@@ -1,0 +1,103 @@
+"""Load balancing on the built-in corpus: the loss-free paper's comparison, same model, same tokens.
+
+Trains the same small MoE LM (configs/tiny.yaml, one process, EP 1) once per balancing method
+with the real trainer, and reports validation loss, global MaxVio on the validation batches
+(mean over MoE layers) and mean batch MaxVio over training (mean of the logged per-step
+values). MaxVio = max_i load_i / mean load - 1 (REFERENCES.md).
+
+Methods: (a) none (no bias, no loss); (b) classic auxiliary loss (alpha ``--aux-alpha``);
+(c) loss-free bias, gamma 0.001; (d) loss-free plus the complementary sequence-wise loss
+(alpha 1e-4, as V3); (e) loss-free with the tiny config's gamma 0.01 (short runs move the bias
+at most gamma per step).
+
+    .venv/bin/python benchmarks/balance.py                    # 300 steps each, ~2 min per method
+    .venv/bin/python benchmarks/balance.py --steps 20 --methods a,c
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = {
+    "a": ("(a) no balancing", ["moe.bias_update_speed=0"]),
+    "b": ("(b) aux loss", ["moe.bias_update_speed=0", "moe.aux_loss_alpha={aux}"]),
+    "c": ("(c) loss-free g=0.001", ["moe.bias_update_speed=0.001"]),
+    "d": ("(d) loss-free + seq loss", ["moe.bias_update_speed=0.001", "moe.seq_aux_alpha=0.0001"]),
+    "e": ("(e) loss-free g=0.01", ["moe.bias_update_speed=0.01"]),
+}
+
+
+def run_one(key: str, a: argparse.Namespace) -> dict:
+    """Train one method in its own process; -> summary numbers."""
+    label, over = METHODS[key]
+    run_dir = Path(a.out) / key
+    over = [o.format(aux=a.aux_alpha) for o in over]
+    cmd = [
+        sys.executable, str(ROOT / "train" / "train.py"), a.config, "parallel.ep=1",
+        f"train.steps={a.steps}", f"train.run_dir={run_dir}", f"train.eval_every={a.steps}",
+        f"train.save_every={a.steps}", "logging.moe_every=1", "logging.wandb=disabled", *over,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if p.returncode != 0:
+        tail = (p.stderr.strip().splitlines() or ["?"])[-1]
+        raise RuntimeError(f"{label}: trainer exited {p.returncode}: {tail}")
+    s = json.loads((run_dir / "summary.json").read_text())
+    batch = [
+        r["moe/max_vio"]
+        for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        if "moe/max_vio" in r
+    ]
+    return {
+        "label": label,
+        "val_loss": s["val"]["loss/val"],
+        "val_maxvio_global": s["val"]["moe/val_max_vio_global"],
+        "mean_batch_maxvio": statistics.fmean(batch),
+        "tokens_per_s": s["tokens_per_s"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--methods", default="a,b,c,d,e", help="comma list from a,b,c,d,e")
+    ap.add_argument("--aux-alpha", type=float, default=0.001, help="(b)'s loss weight")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / ".cache" / "bench" / "balance"))
+    ap.add_argument("--json", help="also write the rows here")
+    a = ap.parse_args(argv)
+    keys = [k for k in a.methods.split(",") if k]
+    if not keys or any(k not in METHODS for k in keys):
+        raise SystemExit(
+            f"--methods: expected a comma list from {sorted(METHODS)}, got {a.methods!r}"
+        )
+    rows = [run_one(k, a) for k in keys]
+    toks = a.steps * 16 * 128  # tiny.yaml: global batch 16 x seq 128 (overrides aside)
+    print(
+        f"Load balancing: {Path(a.config).name}, EP 1, {a.steps} steps (~{toks / 1e3:.0f}k tokens)"
+        f", aux alpha {a.aux_alpha}"
+    )
+    print("| method                   | val loss | val MaxVio (global) | mean batch MaxVio |")
+    print("|--------------------------|----------|---------------------|-------------------|")
+    for r in rows:
+        print(
+            f"| {r['label']:<25}| {r['val_loss']:>8.4f} | {r['val_maxvio_global']:>19.3f} "
+            f"| {r['mean_batch_maxvio']:>17.3f} |"
+        )
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
