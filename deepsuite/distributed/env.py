@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 __all__ = ["DistEnv", "detect_env", "first_slurm_host", "init_distributed"]
 
@@ -117,6 +118,27 @@ def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     return DistEnv(rank, world, local_rank, local_world, node_rank, n_nodes, addr, port, launcher)
 
 
+def _init_on_agent_store(backend: str, info: DistEnv, timeout: timedelta) -> None:
+    """Start the default group on torchrun's agent store under a per-attempt key prefix.
+
+    Under ``torchrun --max-restarts`` the agent keeps the same store (and port) for every restart
+    attempt and torch adds no prefix, so a rank of attempt 1 can read rank 0's address from
+    attempt 0 and fail with "Gloo connectFullMesh ... Connection refused" (seen with torch 2.13
+    and a plain script). Prefixing the keys with TORCHELASTIC_RESTART_COUNT keeps attempts apart.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(
+        info.master_addr, info.master_port, info.world_size, is_master=False, timeout=timeout
+    )
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore(f"deepsuite/attempt_{attempt}", store),
+        rank=info.rank,
+        world_size=info.world_size,
+        timeout=timeout,
+    )
+
+
 def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> DistEnv:
     """Detect the environment and start torch.distributed through ``deepspeed.init_distributed``.
 
@@ -148,6 +170,8 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> DistEn
         os.environ.setdefault(key, str(value))
     if backend == "nccl":
         torch.cuda.set_device(info.local_rank)
+    if not dist.is_initialized() and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        _init_on_agent_store(backend, info, timedelta(seconds=timeout_s))
     import deepspeed
 
     # also when torch.distributed is already up: deepspeed then only wraps the existing group
