@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -38,6 +39,7 @@ def run_one(key: str, a: argparse.Namespace) -> dict:
     """Train one method in its own process; -> summary numbers."""
     label, over = METHODS[key]
     run_dir = Path(a.out) / key
+    shutil.rmtree(run_dir, ignore_errors=True)  # a leftover checkpoint would be resumed
     over = [o.format(aux=a.aux_alpha) for o in over]
     cmd = [
         sys.executable, str(ROOT / "train" / "train.py"), a.config, "parallel.ep=1",

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -80,6 +81,7 @@ def layer_worker(rank: int, world: int, a: dict) -> dict:
 def trainer_tokens_per_s(ranks: int, steps: int, out: Path) -> float:
     """tokens/s of configs/tiny.yaml at EP ``ranks`` from the trainer's summary.json."""
     run_dir = out / f"ep{ranks}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a leftover checkpoint would be resumed
     over = [f"parallel.ep={ranks}", f"train.steps={steps}", f"train.run_dir={run_dir}",
             f"train.eval_every={steps}", f"train.save_every={steps}", "logging.wandb=disabled"]  # fmt: skip
     train = [str(ROOT / "train" / "train.py"), str(ROOT / "configs" / "tiny.yaml"), *over]
