@@ -12,7 +12,8 @@ ranks with ``AllToAllDispatcher``; every rank routes its own T tokens. Per rank 
 - share of the forward+backward step spent in the forward's all-to-alls (``a2a_time_s``; the
   backward's exchanges are not timed, so the true share is higher).
 Part 2 (trainer): tokens/s of the tiny config at EP 2 on 2 ranks vs 1 rank (EP 1, same global
-batch), both with the real trainer for ``--steps`` steps (torchrun for 2 ranks).
+batch), both with the real trainer for ``--steps`` steps (torchrun for 2 ranks); median per-step
+tokens/s from steps 3 on.
 
     .venv/bin/python benchmarks/ep_dispatch.py                        # ~2-3 min on 2 cores
     .venv/bin/python benchmarks/ep_dispatch.py --ranks 2 --steps 0    # layer part only
@@ -79,7 +80,8 @@ def layer_worker(rank: int, world: int, a: dict) -> dict:
 
 
 def trainer_tokens_per_s(ranks: int, steps: int, out: Path) -> float:
-    """tokens/s of configs/tiny.yaml at EP ``ranks`` from the trainer's summary.json."""
+    """Median per-step tokens/s (steps 3+) of configs/tiny.yaml at EP ``ranks``, from the
+    trainer's metrics.jsonl."""
     run_dir = out / f"ep{ranks}"
     shutil.rmtree(run_dir, ignore_errors=True)  # a leftover checkpoint would be resumed
     over = [f"parallel.ep={ranks}", f"train.steps={steps}", f"train.run_dir={run_dir}",
@@ -94,7 +96,9 @@ def trainer_tokens_per_s(ranks: int, steps: int, out: Path) -> float:
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if p.returncode != 0:
         raise RuntimeError(f"EP {ranks} run failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
-    return json.loads((run_dir / "summary.json").read_text())["tokens_per_s"]
+    rows = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    tps = [r["perf/tokens_per_s"] for r in rows if "perf/tokens_per_s" in r and r["step"] > 2]
+    return statistics.median(tps)  # steady state: the first two steps warm up
 
 
 def main(argv: list[str] | None = None) -> int:
