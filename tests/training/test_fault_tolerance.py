@@ -163,7 +163,7 @@ def test_corrupt_checkpoint_content_is_detected(reference: Path, tmp_path: Path)
 
 
 def test_requeue_only_on_rank0_after_usr1_inside_a_slurm_job(tmp_path: Path) -> None:
-    from deepsuite.training.trainer import StopRequested
+    from deepsuite.training.preemption import StopRequested
 
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
