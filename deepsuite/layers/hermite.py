@@ -112,7 +112,58 @@ def expand_features(basis_BIN: Tensor, coeffs_OIN: Tensor, bias_O: Tensor | None
     return y if bias_O is None else y + bias_O
 
 
-class HermiteExpansion(nn.Module):
+_SQUASH = {"tanh": torch.tanh, "sigmoid": torch.sigmoid}
+
+
+class PolynomialExpansion(nn.Module):
+    """Shared body of the trainable expansions: y = coeffs . basis(squash(x)) + bias.
+
+    Subclasses give ``basis(x) -> (..., I, N+1)``, the squashes they allow and their own
+    ``extra_repr`` fields. Coefficients start as N(0, 1 / (in_features * (degree + 1))).
+    """
+
+    squashes: tuple[str | None, ...] = ("tanh", None)
+
+    def __init__(
+        self, in_features: int, out_features: int, degree: int, squash: str | None, bias: bool
+    ) -> None:
+        super().__init__()
+        self.in_features = check_positive(in_features, "in_features")
+        self.out_features = check_positive(out_features, "out_features")
+        self.degree = check_degree(degree)
+        if squash not in self.squashes:
+            allowed = ", ".join(repr(q) for q in self.squashes)
+            raise ValueError(f"squash must be one of {allowed}, got {squash!r}")
+        self.squash = squash
+        self.coeffs = nn.Parameter(torch.empty(out_features, in_features, degree + 1))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.reset_parameters()
+
+    def basis(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.coeffs, std=(self.in_features * (self.degree + 1)) ** -0.5)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"x must have last dim in_features={self.in_features}, got shape {tuple(x.shape)}"
+            )
+        if self.squash is not None:
+            x = _SQUASH[self.squash](x)
+        return expand_features(self.basis(x), self.coeffs, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"degree={self.degree}, squash={self.squash!r}"
+        )
+
+
+class HermiteExpansion(PolynomialExpansion):
     """Trainable Hermite expansion (KAN-style): (..., in_features) -> (..., out_features).
 
     y_o = sum_i sum_n c[o, i, n] P_n(s(x_i)) + b_o, with s = tanh when ``squash="tanh"`` (keeps
@@ -129,35 +180,13 @@ class HermiteExpansion(nn.Module):
         squash: Squash = "tanh",
         bias: bool = True,
     ) -> None:
-        super().__init__()
-        self.in_features = check_positive(in_features, "in_features")
-        self.out_features = check_positive(out_features, "out_features")
-        self.degree = check_degree(degree)
         if kind not in _KINDS:
             raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
-        if squash not in ("tanh", None):
-            raise ValueError(f"squash must be 'tanh' or None, got {squash!r}")
-        self.kind, self.squash = kind, squash
-        self.coeffs = nn.Parameter(torch.empty(out_features, in_features, degree + 1))
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self.reset_parameters()
+        self.kind = kind
+        super().__init__(in_features, out_features, degree, squash, bias)
 
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.coeffs, std=(self.in_features * (self.degree + 1)) ** -0.5)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"x must have last dim in_features={self.in_features}, got shape {tuple(x.shape)}"
-            )
-        if self.squash == "tanh":
-            x = torch.tanh(x)
-        return expand_features(hermite_basis(x, self.degree, self.kind), self.coeffs, self.bias)
+    def basis(self, x: Tensor) -> Tensor:
+        return hermite_basis(x, self.degree, self.kind)
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"degree={self.degree}, kind={self.kind!r}, squash={self.squash!r}"
-        )
+        return f"{super().extra_repr()}, kind={self.kind!r}"

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from deepsuite.layers.hermite import basis_dtype, check_degree, check_positive, expand_features
+from deepsuite.layers.hermite import PolynomialExpansion, basis_dtype, check_degree
 
 LaguerreSquash = Literal["tanh", "sigmoid"] | None
 
@@ -86,13 +86,15 @@ class LaguerreLayer(nn.Module):
         return f"max_order={self.max_order}, alpha={self.alpha}, normalized={self.normalized}"
 
 
-class LaguerreExpansion(nn.Module):
+class LaguerreExpansion(PolynomialExpansion):
     """Trainable Laguerre expansion (KAN-style): (..., in_features) -> (..., out_features).
 
     y_o = sum_i sum_n c[o, i, n] L_n^alpha(s(x_i)) + b_o, with s = tanh (default), sigmoid (maps
     into (0, 1), inside the polynomials' natural domain) or the identity (``squash=None``).
     Coefficients start as N(0, 1 / (in_features * (degree + 1))).
     """
+
+    squashes = ("tanh", "sigmoid", None)
 
     def __init__(
         self,
@@ -104,39 +106,12 @@ class LaguerreExpansion(nn.Module):
         squash: LaguerreSquash = "tanh",
         bias: bool = True,
     ) -> None:
-        super().__init__()
-        self.in_features = check_positive(in_features, "in_features")
-        self.out_features = check_positive(out_features, "out_features")
-        self.degree = check_degree(degree)
         self.alpha = check_alpha(alpha)
         self.normalized = bool(normalized)
-        if squash not in ("tanh", "sigmoid", None):
-            raise ValueError(f"squash must be 'tanh', 'sigmoid' or None, got {squash!r}")
-        self.squash = squash
-        self.coeffs = nn.Parameter(torch.empty(out_features, in_features, degree + 1))
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self.reset_parameters()
+        super().__init__(in_features, out_features, degree, squash, bias)
 
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.coeffs, std=(self.in_features * (self.degree + 1)) ** -0.5)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"x must have last dim in_features={self.in_features}, got shape {tuple(x.shape)}"
-            )
-        if self.squash == "tanh":
-            x = torch.tanh(x)
-        elif self.squash == "sigmoid":
-            x = torch.sigmoid(x)
-        basis = laguerre_basis(x, self.degree, self.alpha, self.normalized)
-        return expand_features(basis, self.coeffs, self.bias)
+    def basis(self, x: Tensor) -> Tensor:
+        return laguerre_basis(x, self.degree, self.alpha, self.normalized)
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"degree={self.degree}, alpha={self.alpha}, normalized={self.normalized}, "
-            f"squash={self.squash!r}"
-        )
+        return f"{super().extra_repr()}, alpha={self.alpha}, normalized={self.normalized}"
