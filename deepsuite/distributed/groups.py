@@ -57,22 +57,18 @@ def validate_expert_parallel(n_routed_experts: int, world_size: int, ep: int) ->
             f"parallel.ep={ep} exceeds moe.n_routed_experts={n_routed_experts}: every "
             f"expert-parallel rank needs at least one expert; use ep <= {n_routed_experts}"
         )
+    # the ep sizes that would work with these experts and this world, for the messages
+    ok = [
+        d
+        for d in range(1, min(n_routed_experts, world_size) + 1)
+        if n_routed_experts % d == 0 and world_size % d == 0
+    ]
     if n_routed_experts % ep:
-        ok = [
-            d
-            for d in range(1, min(n_routed_experts, world_size) + 1)
-            if n_routed_experts % d == 0 and world_size % d == 0
-        ]
         raise ValueError(
             f"moe.n_routed_experts={n_routed_experts} is not divisible by parallel.ep={ep}: "
             f"choose ep from {ok} or change n_routed_experts to a multiple of {ep}"
         )
     if world_size % ep:
-        ok = [
-            d
-            for d in range(1, min(n_routed_experts, world_size) + 1)
-            if n_routed_experts % d == 0 and world_size % d == 0
-        ]
         raise ValueError(
             f"world size {world_size} is not divisible by parallel.ep={ep}: launch a multiple "
             f"of {ep} ranks or choose ep from {ok}"
