@@ -270,3 +270,24 @@ def test_grouped_mm_cuda_bf16_matches_reference():
     torch.testing.assert_close(
         m(xb)[0].float(), m.forward_reference(xb)[0].float(), rtol=3e-2, atol=3e-2
     )
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_autocast_bf16_with_fp32_weights_matches_the_reference(grouped):
+    """Mixed precision as trainers run it: fp32 master weights, bf16 compute under autocast.
+    Both paths (the per-expert loop and torch._grouped_mm) must take bf16 copies of the weights."""
+    if grouped and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm is not in this torch")
+    torch.manual_seed(0)
+    ex = GroupedExperts(4, 32, 16)
+    ex.use_grouped_mm = grouped
+    counts = torch.tensor([7, 0, 12, 5])
+    x = torch.randn(24, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ex(x, counts)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in ex.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = ex.forward_reference(x.detach(), counts)
+    torch.testing.assert_close(y.float(), ref.float(), rtol=3e-2, atol=3e-2)

@@ -190,6 +190,9 @@ class GroupedExperts(nn.Module):
                 and x_ND.dtype in (torch.bfloat16, torch.float16)
                 and hasattr(torch, "_grouped_mm")
             )
+        # under autocast x is already in the autocast dtype: the weights follow it (fp32 master
+        # weights with bf16 compute), on both paths
+        w = [p.to(x_ND.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
         if grouped:
             if not isinstance(counts_L, Tensor):
                 counts_L = torch.tensor(list(counts_L), dtype=torch.int64)
@@ -197,10 +200,9 @@ class GroupedExperts(nn.Module):
                 raise ValueError(
                     f"counts_L must have {self.n_experts} entries, got {counts_L.numel()}"
                 )
-            return _grouped_swiglu(x_ND, self.gate_proj, self.up_proj, self.down_proj, counts_L)
+            return _grouped_swiglu(x_ND, *w, counts_L)
         splits = _splits(counts_L, self.n_experts, x_ND.shape[0])
-        w = (self.gate_proj, self.up_proj, self.down_proj)
-        return _LoopSwiGLU.apply(x_ND.contiguous(), *(p.to(x_ND.dtype) for p in w), splits)
+        return _LoopSwiGLU.apply(x_ND.contiguous(), *w, splits)
 
     def forward_reference(self, x_ND: Tensor, counts_L: Tensor | Sequence[int]) -> Tensor:
         """Obviously-correct per-expert autograd loop (the oracle for ``forward``)."""
