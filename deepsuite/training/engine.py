@@ -76,10 +76,10 @@ def deepspeed_config(cfg: Config, grad_accum: int) -> dict[str, Any]:
 
 
 def _keep_balancing_state_fp32(model: DeepSeekLM) -> None:
-    """The engine's bf16 cast converts buffers too; the bias must stay float32 (REFERENCES.md)."""
+    """The engine's bf16 cast converts floating buffers too; the bias must stay float32
+    (REFERENCES.md). The token counts are int64 and untouched by the cast."""
     for moe in model.moe_layers():
         moe.router.expert_bias = moe.router.expert_bias.float()
-        moe.tokens_per_expert = moe.tokens_per_expert.float()
 
 
 def build_run(cfg: Config) -> RunParts:
