@@ -35,6 +35,7 @@ __all__ = [
     "moe_layers",
     "moe_param_groups",
     "sync_and_update_bias",
+    "tag_expert_parameters",
     "verify_bias_identical",
 ]
 
@@ -170,12 +171,26 @@ def apply_expert_parallel(
         L = E // groups.ep_size
         lo = groups.ep_rank * L
         local = moe.experts.slice_experts(lo, lo + L)
-        for p in local.parameters():
-            p.allreduce = False
-            p.group_name = groups.group_name
         moe.experts = ExpertShard(local, E, groups.ep_rank, groups.group_name)
         moe.dispatcher = AllToAllDispatcher(E, groups.ep_group, sync_timing=sync_timing)
+    tag_expert_parameters(model)
     return [n for n, _ in layers]
+
+
+def tag_expert_parameters(model: nn.Module) -> int:
+    """Mark every ExpertShard's parameters ``allreduce=False``, ``group_name=<its EP group>``.
+
+    Call again after anything that replaces Parameter objects (``to_empty`` from the meta device
+    does): untagged expert shards would be averaged over the whole world. Returns the count.
+    """
+    n = 0
+    for _, moe in moe_layers(model):
+        if isinstance(moe.experts, ExpertShard):
+            for p in moe.experts.parameters():
+                p.allreduce = False
+                p.group_name = moe.experts.expert_group_name
+                n += 1
+    return n
 
 
 def _default_no_decay(name: str, p: nn.Parameter) -> bool:

@@ -11,6 +11,7 @@ Letters: B batch, S sequence, D model dim, V vocabulary.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -18,12 +19,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deepsuite.config import Config
-from deepsuite.layers.attention import MultiHeadLatentAttention
+from deepsuite.layers.attention import MultiHeadLatentAttention, RotaryPositionEmbedding
 from deepsuite.layers.mlp import SwiGLU
 from deepsuite.layers.moe import DeepSeekMoE
 from deepsuite.models.aux_heads import aux_head_loss, build_aux_head
 
 IGNORE_INDEX = -100
+
+
+def _generator(key: str, device: torch.device) -> torch.Generator:
+    """A generator seeded by a stable hash of ``key`` (the same on every rank and run)."""
+    return torch.Generator(device=device).manual_seed(zlib.crc32(key.encode()))
 
 
 def build_attention(cfg: Config) -> MultiHeadLatentAttention:
@@ -157,19 +163,64 @@ class DeepSeekLM(nn.Module):
         self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights; output projections scaled by 1/sqrt(2 n_layers) (GPT-2)."""
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Normal(0, init_std) weights, output projections scaled by 1/sqrt(2 n_layers) (GPT-2),
+        norm gains 1.
+
+        Each tensor draws from its own generator, seeded by (seed, its unsharded name), and each
+        routed expert by (seed, name, global expert id): a rank holding only a slice of the
+        experts (built on the meta device and sharded before :meth:`materialize`) gets exactly
+        the values one process gives them. ``seed`` defaults to a draw from torch's global RNG,
+        so ``torch.manual_seed(s); DeepSeekLM(cfg)`` is reproducible. Auxiliary heads keep their
+        layers' own initialisation.
+        """
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, (), device="cpu").item())
         std = self.cfg.model.init_std
         out_std = std / math.sqrt(2 * self.cfg.model.n_layers)
-        for name, p in self.named_parameters():
-            if p.is_meta or name.startswith("aux_heads."):  # heads keep their layers' own init
+        first_expert = {}  # GroupedExperts (possibly a shard's local slice) -> its first global id
+        for moe in self.moe_layers():
+            local = getattr(moe.experts, "local", moe.experts)
+            first_expert[id(local)] = getattr(moe.experts, "ep_rank", 0) * local.n_experts
+        for mod_name, module in self.named_modules():
+            if mod_name.startswith("aux_heads"):
                 continue
-            if p.dim() == 1:  # norm gains
-                p.fill_(1.0)
-            elif name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")):
-                p.normal_(0.0, out_std)
-            else:
-                p.normal_(0.0, std)
+            for p_name, p in module.named_parameters(recurse=False):
+                if p.is_meta:
+                    continue
+                name = f"{mod_name}.{p_name}".replace(".experts.local.", ".experts.")
+                if p.dim() == 1:  # norm gains
+                    p.fill_(1.0)
+                    continue
+                sd = (
+                    out_std
+                    if name.endswith(("o_proj.weight", "down_proj.weight", "down_proj"))
+                    else std
+                )
+                if id(module) in first_expert:  # stacked experts: one stream per global expert
+                    for i in range(p.shape[0]):
+                        key = f"{seed}/{name}/{first_expert[id(module)] + i}"
+                        p[i].normal_(0.0, sd, generator=_generator(key, p.device))
+                else:
+                    p.normal_(0.0, sd, generator=_generator(f"{seed}/{name}", p.device))
+
+    @torch.no_grad()
+    def materialize(self, device: torch.device | str, seed: int) -> None:
+        """Allocate a model built on the meta device (experts possibly sharded already) on
+        ``device`` and initialise it exactly as a full build with the same seed would be."""
+        self.to_empty(device=device)
+        for m in self.modules():
+            if isinstance(m, RotaryPositionEmbedding):
+                m.reset_parameters()  # the non-persistent inv_freq buffer
+        for moe in self.moe_layers():
+            moe.router.expert_bias.zero_()
+            moe.tokens_per_expert.zero_()
+        torch.manual_seed(seed)
+        for head in self.aux_heads.values():
+            for m in head.modules():
+                if m is not head and hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+        self.reset_parameters(seed)
 
     def moe_layers(self) -> list[DeepSeekMoE]:
         """Every DeepSeekMoE in the model (main blocks first, then MTP blocks), in a fixed order."""

@@ -19,7 +19,11 @@ import torch.distributed as dist
 from deepsuite.config import Config
 from deepsuite.data import PackedLoader, Tokenizer, prepare_data, validate_data_config
 from deepsuite.distributed import DistEnv, check_same_config, detect_env, init_distributed
-from deepsuite.distributed.expert_parallel import apply_expert_parallel, moe_param_groups
+from deepsuite.distributed.expert_parallel import (
+    apply_expert_parallel,
+    moe_param_groups,
+    tag_expert_parameters,
+)
 from deepsuite.distributed.groups import setup_expert_parallel, validate_expert_parallel
 from deepsuite.distributed.topology import resolve_group_limit
 from deepsuite.models import DeepSeekLM
@@ -124,12 +128,16 @@ def build_run(cfg: Config) -> RunParts:
     if cfg.data.val_fraction > 0 and cfg.train.eval_batches > 0:
         val_loader = PackedLoader(cfg.data, tokenizer, "val", B, env.rank, W, run_dir=run_dir)
 
-    # model: identical on every rank (same seed), then experts sharded from outside
-    torch.manual_seed(cfg.train.seed)
-    model = DeepSeekLM(cfg)
+    # model: built on the meta device, experts sharded from outside, then only this rank's
+    # tensors allocated and initialised (keyed by name and global expert id, so every layout
+    # starts from the same weights)
+    with torch.device("meta"):
+        model = DeepSeekLM(cfg)
     if cfg.parallel.ep > 1:
         groups = setup_expert_parallel(cfg.parallel.ep, cfg.moe.n_routed_experts)
-        apply_expert_parallel(model, groups)
+        apply_expert_parallel(model, groups, check_replicated=False)  # nothing to compare yet
+    model.materialize("cpu", seed=cfg.train.seed)
+    tag_expert_parameters(model)  # to_empty made new Parameter objects: tag them again
 
     grad_accum = cfg.grad_accumulation_steps(W)
     engine = build_engine(cfg, model, deepspeed_config(cfg, grad_accum))

@@ -205,3 +205,31 @@ def test_aux_head_errors_name_the_field(override, fragment):
     with pytest.raises((ConfigError, ValueError)) as info:
         DeepSeekLM(load_config(ROOT / "configs/tiny.yaml", [*SMALL, override]))
     assert fragment in str(info.value)
+
+
+def test_meta_build_then_materialize_equals_a_full_build():
+    """A rank that holds experts [4, 8) of a layer, built on meta and sharded before allocating,
+    gets exactly the values a full build with the same seed gives those experts."""
+    cfg = load_config(ROOT / "configs/tiny.yaml", [*SMALL, "model.mtp_depth=1"])
+    full = DeepSeekLM(cfg)
+    full.reset_parameters(seed=7)
+    from deepsuite.distributed.expert_parallel import ExpertShard
+
+    with torch.device("meta"):
+        meta = DeepSeekLM(cfg)
+    for moe in meta.moe_layers():  # what expert parallelism does on EP rank 1 of 2
+        moe.experts = ExpertShard(moe.experts.slice_experts(4, 8), 8, 1, "ep_size_2")
+    meta.materialize("cpu", seed=7)
+    a = dict(full.named_parameters())
+    for key, value in meta.named_parameters():
+        if ".experts.local." in key:
+            ref = a[key.replace(".experts.local.", ".experts.")][4:8]
+        else:
+            ref = a[key]
+        assert torch.equal(value, ref), key
+    for key, value in meta.named_buffers():
+        assert torch.equal(value, dict(full.named_buffers())[key]), key
+    assert not torch.equal(a["layers.1.ffn.experts.gate_proj"][0], a["layers.1.ffn.experts.gate_proj"][1])
+    other = DeepSeekLM(cfg)
+    other.reset_parameters(seed=8)
+    assert not torch.equal(other.embed.weight, full.embed.weight)
