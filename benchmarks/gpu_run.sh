@@ -24,8 +24,8 @@ else
 fi
 timeout 120 $PY benchmarks/mfu.py --mode moe --dtype bf16 "${MFU_ARGS[@]}" 2>&1 \
   | grep -v -e Warning -e '^  ' | tee "$OUT/mfu.txt"
-# training step: bf16 weights (the grouped_mm path); then fp32 master weights under autocast,
-# which failed on 2026-11-28 (the grouped_mm path does not cast fp32 expert weights to bf16)
+# training step: bf16 weights (the grouped_mm path); then fp32 master weights under autocast
+# (failed on 2026-11-28 before commit 0331fc8 made the grouped path cast fp32 expert weights)
 timeout 100 $PY benchmarks/mfu.py --mode train --bf16-params --dtype bf16 "${MFU_ARGS[@]}" 2>&1 \
   | grep -v -e Warning -e '^  ' | tee -a "$OUT/mfu.txt"
 timeout 100 $PY benchmarks/mfu.py --mode train --dtype bf16 "${MFU_ARGS[@]}" 2>&1 \
