@@ -76,26 +76,31 @@ class _LoopSwiGLU(torch.autograd.Function):
         for e, s, t in bounds:
             torch.mm(a_NF[s:t], down_LDF[e].t(), out=y_ND[s:t])
         ctx.bounds = bounds
-        ctx.save_for_backward(x_ND, gate_LFD, up_LFD, down_LDF, g_NF, u_NF, a_NF)
+        # a = silu(g) u is recomputed in backward: one elementwise pass buys N x F of memory
+        ctx.save_for_backward(x_ND, gate_LFD, up_LFD, down_LDF, g_NF, u_NF)
         return y_ND
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy_ND):  # type: ignore[override]
-        x_ND, gate_LFD, up_LFD, down_LDF, g_NF, u_NF, a_NF = ctx.saved_tensors
+        x_ND, gate_LFD, up_LFD, down_LDF, g_NF, u_NF = ctx.saved_tensors
         bounds = ctx.bounds
         need_x, need_g, need_u, need_d = ctx.needs_input_grad[:4]
         dy_ND = dy_ND.contiguous()
         d_down = _empty_grad(down_LDF, bounds) if need_d else None
-        da_NF = torch.empty_like(a_NF)
+        s_NF = F.silu(g_NF)
+        if need_d:
+            a_NF = s_NF * u_NF
+            for e, s, t in bounds:
+                torch.mm(dy_ND[s:t].t(), a_NF[s:t], out=d_down[e])
+            del a_NF
+        da_NF = torch.empty_like(g_NF)
         for e, s, t in bounds:
             torch.mm(dy_ND[s:t], down_LDF[e], out=da_NF[s:t])
-            if need_d:
-                torch.mm(dy_ND[s:t].t(), a_NF[s:t], out=d_down[e])
-        du_NF = F.silu(g_NF).mul_(da_NF)
-        # dg = (da * u) * silu'(g): aten's fused silu_backward, the kernel autograd itself uses
-        dg_NF = torch.ops.aten.silu_backward(da_NF.mul_(u_NF), g_NF)
-        del da_NF
+        du_NF = s_NF.mul_(da_NF)  # silu(g) * da, in silu(g)'s buffer
+        # dg = (da * u) * silu'(g): aten's fused silu_backward (the kernel autograd uses), written
+        # over da (elementwise, same positions)
+        dg_NF = torch.ops.aten.silu_backward.grad_input(da_NF.mul_(u_NF), g_NF, grad_input=da_NF)
         dx = torch.empty_like(x_ND) if need_x else None
         d_gate = _empty_grad(gate_LFD, bounds) if need_g else None
         d_up = _empty_grad(up_LFD, bounds) if need_u else None
