@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from deepsuite.atomic import atomic_path, atomic_write_text
 from deepsuite.data.corpus import (
     BUILTIN_PARTS,
     corpus_key,
@@ -27,7 +28,7 @@ from deepsuite.data.corpus import (
     load_documents,
     resolve_local_files,
 )
-from deepsuite.data.tokenizer import Tokenizer, _atomic_write_text, tokenizer_from_spec
+from deepsuite.data.tokenizer import Tokenizer, tokenizer_from_spec
 
 STREAM_VERSION = 1
 
@@ -168,12 +169,6 @@ def stream_key(cfg: Any, tok: Tokenizer) -> str:
     return key_hash({"v": STREAM_VERSION, "corpus": corpus_key(cfg), "tok": tok.fingerprint})
 
 
-def _atomic_save(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, path)
-
-
 def token_stream(
     cfg: Any, tok: Tokenizer, split: str, cache_dir: str | Path
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -203,10 +198,11 @@ def token_stream(
         lens = np.concatenate(lengths).astype(np.int64)
         starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
         d.mkdir(parents=True, exist_ok=True)
-        _atomic_save(tok_file, np.concatenate(chunks))
-        _atomic_save(start_file, starts)
+        for file, arr in ((tok_file, np.concatenate(chunks)), (start_file, starts)):
+            with atomic_path(file) as tmp:
+                np.save(tmp, arr)
         meta = {"key": corpus_key(cfg), "tokenizer": tok.fingerprint, "docs": len(starts)}
-        _atomic_write_text(d / f"{split}.meta.json", json.dumps(meta, indent=1))
+        atomic_write_text(d / f"{split}.meta.json", json.dumps(meta, indent=1))
     return np.load(tok_file, mmap_mode="r"), np.load(start_file)
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
+
+from deepsuite.atomic import atomic_write_text
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -89,14 +90,6 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file and rename, so concurrent ranks never read a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def train_bpe(texts: Iterable[str], vocab_size: int, out_file: str | Path) -> HFTokenizer:
     """Train a byte-level BPE on ``texts`` with the ``tokenizers`` library; save it to ``out_file``.
 
@@ -121,7 +114,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_file: str | Path) -> HF
     )
     tok.train_from_iterator(iter(texts), trainer=trainer)
     text = tok.to_str()
-    _atomic_write_text(Path(out_file), text)
+    atomic_write_text(out_file, text)
     return HFTokenizer(tok, fingerprint="tok-" + hashlib.sha256(text.encode()).hexdigest()[:16])
 
 

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from deepsuite.atomic import atomic_path
 from deepsuite.distributed.expert_parallel import ExpertShard, moe_layers
 
 _WEIGHTS = ("gate_proj", "up_proj", "down_proj")
@@ -49,10 +50,8 @@ def export_safetensors(model: nn.Module, path: str | Path, rank: int) -> Path:
     state = full_state_dict(model)
     path = Path(path)
     if rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
     return path
 
 

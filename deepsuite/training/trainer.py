@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from deepsuite.atomic import atomic_write_text
 from deepsuite.config import Config, load_config
 from deepsuite.distributed.comm import guard_collectives
 from deepsuite.distributed.expert_parallel import (
@@ -257,7 +258,7 @@ class Trainer:
                 for line in jsonl.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= self.step
             ]
-            ckpt.atomic_write_text(jsonl, "".join(line + "\n" for line in kept))
+            atomic_write_text(jsonl, "".join(line + "\n" for line in kept))
         log = self.cfg.logging
         return MetricsLogger(
             self.p.run_dir,
@@ -331,7 +332,7 @@ class Trainer:
             "metrics": str(self.p.run_dir / "metrics.jsonl"),
         }
         if self.rank == 0:
-            ckpt.atomic_write_text(self.p.run_dir / "summary.json", json.dumps(summary, indent=1))
+            atomic_write_text(self.p.run_dir / "summary.json", json.dumps(summary, indent=1))
             print(format_summary(summary), flush=True)
         return summary
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from deepsuite.atomic import atomic_write_text
 from deepsuite.distributed.reshard import read_full_state, reshard_checkpoint, saved_layout
 from deepsuite.training import checkpoint as ckpt
 from tests.training.runner import losses, run_train
@@ -45,7 +46,7 @@ def _only_tag(src_tag: Path, dst: Path) -> Path:
     """A checkpoints dir holding just ``src_tag`` (so resume picks it), committed as latest."""
     dst.mkdir(parents=True)
     shutil.copytree(src_tag, dst / src_tag.name)
-    ckpt.atomic_write_text(dst / "latest", src_tag.name + "\n")
+    atomic_write_text(dst / "latest", src_tag.name + "\n")
     return dst
 
 
