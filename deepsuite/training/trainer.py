@@ -32,7 +32,13 @@ from deepsuite.training import checkpoint as ckpt
 from deepsuite.training.engine import RunParts, build_run
 from deepsuite.training.export import export_safetensors
 from deepsuite.training.metrics import MetricsLogger
-from deepsuite.training.moe_stats import MoEStatsTracker, comm_stats, flops_per_token, mfu
+from deepsuite.training.moe_stats import (
+    MoEStatsTracker,
+    comm_stats,
+    flops_per_token,
+    max_vio,
+    mfu,
+)
 from deepsuite.training.preemption import StopRequested
 from deepsuite.training.schedule import bias_gamma
 
@@ -235,12 +241,10 @@ class Trainer:
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         out: dict[str, float] = {"loss/val": float(flat[0]) / (n * self.p.env.world_size)}
         offset = 1
-        for (layer, m), _ in zip(self.layers, counts, strict=True):
+        for layer, m in self.layers:
             c = flat[offset : offset + m.n_routed_experts]
             offset += m.n_routed_experts
-            out[f"moe/layer{layer}/val_max_vio_global"] = float(
-                (c.max() - c.mean()) / c.mean().clamp_min(1e-9)
-            )
+            out[f"moe/layer{layer}/val_max_vio_global"] = max_vio(c)
         if self.layers:
             vals = [v for k, v in out.items() if k.endswith("val_max_vio_global")]
             out["moe/val_max_vio_global"] = sum(vals) / len(vals)
