@@ -21,20 +21,12 @@ from deepsuite.training.export import load_safetensors
 from deepsuite.training.metrics import read_metrics
 from tests.distributed.launch import CACHE, ROOT
 from tests.slurm.cluster import SlurmCluster
+from tests.training.runner import CHECKPOINTED_RUN, CHECKPOINTED_STEPS, losses
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.distributed]
 
-STEPS = 8
-SMALL = [
-    "model.dim=64",
-    f"train.steps={STEPS}",
-    "data.seq_len=64",
-    "train.micro_batch_size=4",
-    "train.global_batch_size=8",
-    "data.max_documents=200",
-    "train.eval_every=0",
-    "train.save_every=2",
-]
+STEPS = CHECKPOINTED_STEPS
+SMALL = CHECKPOINTED_RUN
 JOB_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -52,10 +44,6 @@ def finished(cluster: SlurmCluster, job_id: int, timeout_s: float = 240.0) -> st
     state = cluster.wait(job_id, timeout_s=timeout_s)
     assert state == "COMPLETED", f"job {job_id}: {state}\n{job_log(cluster, job_id)}"
     return job_log(cluster, job_id)
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss/train"] for r in read_metrics(run_dir) if "loss/train" in r}
 
 
 @pytest.fixture(scope="module")

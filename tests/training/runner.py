@@ -6,12 +6,12 @@ tests, so the built-in corpus is tokenised once per suite.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from deepsuite.training.metrics import read_metrics
 from tests.distributed.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,12 +121,23 @@ def run_train(
     return proc
 
 
+# The tiny config for 8 steps with a checkpoint every 2: the fault-tolerance and SLURM tests'
+# run (their own launchers, same job), so their reference runs are comparable.
+CHECKPOINTED_STEPS = 8
+CHECKPOINTED_RUN = [
+    "model.dim=64",
+    f"train.steps={CHECKPOINTED_STEPS}",
+    "data.seq_len=64",
+    "train.micro_batch_size=4",
+    "train.global_batch_size=8",
+    "data.max_documents=200",
+    "train.eval_every=0",
+    "train.save_every=2",
+]
+
+
 def metrics(run_dir: Path) -> list[dict]:
-    return [
-        json.loads(line)
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-        if line.strip()
-    ]
+    return read_metrics(run_dir)
 
 
 def losses(run_dir: Path) -> dict[int, float]:

@@ -24,37 +24,18 @@ from deepsuite.training.checkpoint import find_resumable, tag_for_step
 from deepsuite.training.export import load_safetensors
 from deepsuite.training.metrics import read_metrics
 from tests.distributed.launch import CACHE, ROOT, free_port
+from tests.training.runner import CHECKPOINTED_RUN, CHECKPOINTED_STEPS, losses
+from tests.training.runner import env as runner_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
-STEPS = 8
-SMALL = [
-    "model.dim=64",
-    f"train.steps={STEPS}",
-    "data.seq_len=64",
-    "train.micro_batch_size=4",
-    "train.global_batch_size=8",
-    "data.max_documents=200",
-    "train.eval_every=0",
-    "train.save_every=2",
-    "train.keep_last=4",
-]
+STEPS = CHECKPOINTED_STEPS
+SMALL = [*CHECKPOINTED_RUN, "train.keep_last=4"]
 
 
 def torchrun(run_dir: Path, *extra: str) -> subprocess.Popen:
     """Start a 2-rank run of the tiny config; its output goes to run_dir.log."""
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONUNBUFFERED": "1",
-        "DS_ACCELERATOR": "cpu",
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TORCH_EXTENSIONS_DIR": str(CACHE / "torch_extensions"),
-        "HF_HOME": str(CACHE / "hf"),
-        "WANDB_DIR": str(CACHE / "wandb"),
-        "TMPDIR": str(CACHE / "tmp"),
-    }
+    env = {**runner_env(), "PYTHONUNBUFFERED": "1", "TMPDIR": str(CACHE / "tmp")}
     argv = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", *extra,
@@ -75,10 +56,6 @@ def finish(proc: subprocess.Popen, run_dir: Path, timeout_s: float = 240.0) -> s
     out = Path(f"{run_dir}.log").read_text(errors="replace")
     assert rc == 0, f"torchrun exited {rc}:\n{out[-6000:]}"
     return out
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss/train"] for r in read_metrics(run_dir) if "loss/train" in r}
 
 
 def assert_same_run(got: Path, ref: Path) -> None:
