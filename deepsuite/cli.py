@@ -22,7 +22,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "summary": ("deepsuite.summary", "summary_main", "summarise a finished run"),
     "plan": ("deepsuite.planner", "plan_main", "capacity plan: memory, FLOPs, communication"),
     "convert": ("deepsuite.models.hf", "hf_main", "convert Hugging Face DeepSeek checkpoints"),
-    "reshard": ("deepsuite.distributed.reshard", "reshard_main", "re-split a checkpoint to another EP size"),
+    "reshard": (
+        "deepsuite.distributed.reshard",
+        "reshard_main",
+        "re-split a checkpoint to another EP size",
+    ),
 }
 
 
