@@ -79,13 +79,6 @@ def deepspeed_config(cfg: Config, grad_accum: int) -> dict[str, Any]:
     return ds
 
 
-def _keep_balancing_state_fp32(model: DeepSeekLM) -> None:
-    """The engine's bf16 cast converts floating buffers too; the bias must stay float32
-    (REFERENCES.md). The token counts are int64 and untouched by the cast."""
-    for moe in model.moe_layers():
-        moe.router.expert_bias = moe.router.expert_bias.float()
-
-
 def build_run(cfg: Config) -> RunParts:
     """Validate, start torch.distributed, build data, model and the DeepSpeed engine."""
     env = detect_env()
@@ -170,5 +163,5 @@ def build_engine(cfg: Config, model: DeepSeekLM, ds_config: dict[str, Any]) -> A
         dist_init_required=False,
     )
     engine.checkpoint_engine = make_safe_checkpoint_engine()
-    _keep_balancing_state_fp32(model)
+    # the bf16 cast leaves the bias float32: Router._apply keeps it so under any dtype cast
     return engine
