@@ -7,6 +7,7 @@ the embedding table and the output head) plus, per MoE layer, the router, the sh
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -40,8 +41,8 @@ def count_parameters(cfg: Config, vocab_size: int | None = None) -> ParamCount:
     """Build the model on the meta device (no memory) and count its parameters."""
     from deepsuite.models.deepseek import DeepSeekLM
 
-    if vocab_size is not None:
-        cfg.model.vocab_size = vocab_size
+    if vocab_size is not None:  # on a copy: the caller's config stays as it was
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
     with torch.device("meta"):
         model = DeepSeekLM(cfg)
     return count_model_parameters(model)
