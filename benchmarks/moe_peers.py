@@ -7,7 +7,8 @@ every router picks the same top-K experts (top-K of the logits does not depend o
 sigmoid; expert biases are zero). Peak memory: on CUDA, torch's peak allocation above the
 weights and inputs; on CPU, the process's peak RSS above its RSS before the first step.
 
-Variants: ours (deepsuite DeepSeekMoE), dense (SwiGLU of hidden (K+S)F: same active FLOPs, the
+Variants: ours (deepsuite DeepSeekMoE), ours_amp (ours under bf16 autocast: fp32 weights, bf16
+GEMMs, fp32 routing; the like-for-like row for titan in an fp32 table), dense (SwiGLU of hidden (K+S)F: same active FLOPs, the
 floor), deepspeed (deepspeed.moe.layer.MoE, top-K, drop_tokens=False, shared expert added
 beside it), hf (transformers DeepseekV3MoE, default experts kernel), hf_grouped (its
 "grouped_mm" experts kernel), titan (torchtitan MoE; its experts always compute in bf16),
@@ -31,7 +32,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = Path(os.environ.get("DEEPSUITE_PEERS", ROOT / ".cache" / "peers"))  # fetch_peers.sh
-ALL = ["ours", "dense", "deepspeed", "hf", "hf_grouped", "titan", "seed_eff", "seed_loop"]
+ALL = [
+    "ours",
+    "ours_amp",
+    "dense",
+    "deepspeed",
+    "hf",
+    "hf_grouped",
+    "titan",
+    "seed_eff",
+    "seed_loop",
+]
 SLOW = {"seed_loop": 256}  # per-token loop: timed on this many tokens, reported per token
 
 
@@ -80,7 +91,7 @@ def _build(name: str, a: argparse.Namespace):
         with torch.no_grad():
             dst.copy_(src.reshape(dst.shape))
 
-    if name == "ours":
+    if name in ("ours", "ours_amp"):
         from deepsuite.layers.moe import DeepSeekMoE
 
         m = DeepSeekMoE(D, S, E, K, F)
@@ -90,7 +101,15 @@ def _build(name: str, a: argparse.Namespace):
             put(getattr(m.shared_experts, f"{k}_proj").weight, w["s_" + k])
         if a.grouped_mm is not None:
             m.experts.use_grouped_mm = a.grouped_mm == "on"
-        return m, lambda x: m(x)[0]
+        if name == "ours":
+            return m, lambda x: m(x)[0]
+
+        def amp(x: torch.Tensor) -> torch.Tensor:  # fp32 weights, bf16 compute (router fp32)
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                y = m(x)[0]
+            return y.to(x.dtype)
+
+        return m, amp
     if name == "dense":
         from deepsuite.layers.mlp import SwiGLU
 

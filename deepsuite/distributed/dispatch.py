@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.distributed import ProcessGroup
 
 from deepsuite.distributed.comm import all_to_all_rows
+from deepsuite.layers.moe.dispatch import ExpertRows
 
 __all__ = ["AllToAllDispatcher", "CommStats", "DispatchState"]
 
@@ -96,7 +97,7 @@ class AllToAllDispatcher:
 
     def dispatch(
         self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
+    ) -> tuple[ExpertRows, torch.Tensor, DispatchState]:
         """Send token rows to the ranks holding their experts.
 
         Args:
@@ -105,8 +106,9 @@ class AllToAllDispatcher:
             weights_TK: float32 [T, K] gate weights (applied in ``combine``, on the expert side).
 
         Returns:
-            x_ND rows for this rank's experts sorted by local expert id, counts_L int64 [L],
-            and the state for ``combine``.
+            the rows for this rank's experts sorted by local expert id (``ExpertRows``: the
+            received rows and the index that orders them), counts_L int64 [L], and the state
+            for ``combine``.
         """
         if x_TD.dim() != 2 or ids_TK.dim() != 2 or ids_TK.shape[0] != x_TD.shape[0]:
             raise ValueError(
@@ -147,7 +149,6 @@ class AllToAllDispatcher:
         order = torch.argsort(lid_M, stable=True)
         row_N, k_N = row_M[order], k_M[order]
         counts_L = torch.bincount(lid_M, minlength=L).to(torch.int64)
-        x_ND = x_RD[row_N]
         item = x_TD.element_size()
         S, R, D = x_SD.shape[0], x_RD.shape[0], x_TD.shape[1]
         stats = {
@@ -173,7 +174,7 @@ class AllToAllDispatcher:
             a2a_time_s=t_counts + t_rows,
             stats=stats,
         )
-        return x_ND, counts_L, state
+        return ExpertRows(x_RD, row_N), counts_L, state
 
     def combine(self, y_ND: torch.Tensor, state: DispatchState) -> torch.Tensor:
         """Weight, sum per (token, source rank), send back and sum per token.

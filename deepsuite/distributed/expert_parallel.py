@@ -67,8 +67,10 @@ class ExpertShard(_DeepSpeedMoE):
         self.register_state_dict_post_hook(_split_experts_hook)
         self.register_load_state_dict_pre_hook(_stack_experts_hook)
 
-    def forward(self, x_ND: Tensor, counts_L: Tensor | Sequence[int]) -> Tensor:  # type: ignore[override]
-        return self.local(x_ND, counts_L)
+    def forward(  # type: ignore[override]
+        self, x: Tensor, counts_L: Tensor | Sequence[int], index_N: Tensor | None = None
+    ) -> Tensor:
+        return self.local(x, counts_L, index_N)
 
     def set_deepspeed_parallelism(self, *args: Any, **kwargs: Any) -> None:
         """Called by the engine: the groups must already exist (``setup_expert_parallel``)."""

@@ -73,7 +73,8 @@ def _worker(rank: int, world: int, names: list[str]) -> dict:
         x = c["x"][rank].to(dtype).requires_grad_(True)
         w = c["w"][rank].clone().requires_grad_(True)
         W_local = c["W"][rank * L : (rank + 1) * L].clone().requires_grad_(True)
-        x_ND, counts_L, state = disp.dispatch(x, c["ids"][rank], w)
+        rows, counts_L, state = disp.dispatch(x, c["ids"][rank], w)
+        x_ND = rows.gather()
         # per-expert loop over the sorted rows: the plainest possible expert compute
         chunks = torch.split(x_ND, counts_L.tolist())
         y_ND = torch.cat([ch @ W_local[i].T.to(dtype) for i, ch in enumerate(chunks)] + [x_ND[:0]])

@@ -95,8 +95,39 @@ def test_grouped_experts_fast_equals_loop_including_empty_experts():
     assert torch.autograd.gradcheck(lambda *p: ex(p[0], counts), (x,))
     with pytest.raises(ValueError, match="counts_L"):
         ex(x, [3, 0, 4, 0, 1])
-    with pytest.raises(ValueError, match="x_ND"):
+    with pytest.raises(ValueError, match=r"x must be \[rows, 6\]"):
         ex(x[:, :5], counts)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_fused_gather_equals_gathering_first(grouped):
+    """experts(x, counts, index_N) == experts(x[index_N], counts): the loop path fuses the gather
+    (rows repeat tokens, some tokens unused, empty experts) and sums row gradients per token."""
+    if grouped and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm is not in this torch")
+    torch.manual_seed(0)
+    dtype = torch.float32 if grouped else torch.float64  # grouped_mm has no float64 kernel
+    ex = GroupedExperts(5, 8, 4).to(dtype)  # grouped_mm wants 16-byte-aligned strides
+    ex.use_grouped_mm = grouped
+    counts = torch.tensor([3, 0, 4, 0, 2])
+    x = torch.randn(7, 8, dtype=dtype, requires_grad=True)
+    index = torch.tensor([0, 2, 5, 0, 1, 2, 5, 2, 0])  # token 2 three times, 3/4/6 never
+    y = ex(x, counts, index)
+    y_ref = ex.forward_reference(x, counts.tolist(), index)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(y, ex(x[index], counts))
+    params = [x, ex.gate_proj, ex.up_proj, ex.down_proj]
+    g = torch.randn_like(y)
+    for a, b in zip(
+        torch.autograd.grad(y, params, g), torch.autograd.grad(y_ref, params, g), strict=True
+    ):
+        torch.testing.assert_close(a, b)
+    if not grouped:
+        assert torch.autograd.gradcheck(lambda x: ex(x, counts, index), (x,))
+    with pytest.raises(ValueError, match="index_N must be a 1-D int64"):
+        ex(x, counts, index.int())
+    with pytest.raises(ValueError, match="counts_L"):
+        ex(x, [3, 0, 4, 0, 1], index)
 
 
 def test_slice_experts_shares_no_storage():
@@ -133,7 +164,8 @@ def test_dispatch_combine_identity_gives_k_times_x(T, E, data):
     )
     x = torch.randn(T, 3, generator=g, dtype=torch.float64)
     d = LocalDispatcher(E)
-    x_ND, counts, state = d.dispatch(x, ids, torch.ones(T, K, dtype=torch.float64))
+    rows, counts, state = d.dispatch(x, ids, torch.ones(T, K, dtype=torch.float64))
+    x_ND = rows.gather()
     rows_ref, counts_ref = dispatch_reference(x, ids, E)
     assert torch.equal(counts, counts_ref) and torch.equal(x_ND, rows_ref)
     torch.testing.assert_close(d.combine(x_ND, state), K * x)
@@ -144,7 +176,8 @@ def test_dispatch_skips_empty_slots_and_weights_get_grads():
     x = torch.arange(6.0).reshape(3, 2).requires_grad_()
     ids = torch.tensor([[2, -1], [0, 2], [-1, -1]])
     w = torch.tensor([[0.5, 0.0], [0.25, 2.0], [0.0, 0.0]], requires_grad=True)
-    x_ND, counts, state = d.dispatch(x, ids, w)
+    rows, counts, state = d.dispatch(x, ids, w)
+    x_ND = rows.gather()
     assert counts.tolist() == [1, 0, 2] and x_ND[:, 0].tolist() == [2.0, 0.0, 2.0]
     out = d.combine(x_ND * 10, state)
     torch.testing.assert_close(out, torch.tensor([[0.0, 5.0], [45.0, 67.5], [0.0, 0.0]]))
@@ -162,7 +195,8 @@ def test_dispatch_combine_gradcheck_with_empty_slots():
     m = torch.randn(8, 3, dtype=torch.float64, generator=g)  # row-wise nonlinearity stand-in
 
     def f(x, w):
-        x_ND, _counts, state = d.dispatch(x, ids, w)
+        rows, _counts, state = d.dispatch(x, ids, w)
+        x_ND = rows.gather()
         return d.combine(torch.tanh(x_ND * m[: x_ND.shape[0]]), state)
 
     assert torch.autograd.gradcheck(f, (x, w))

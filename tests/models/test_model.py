@@ -229,7 +229,9 @@ def test_meta_build_then_materialize_equals_a_full_build():
         assert torch.equal(value, ref), key
     for key, value in meta.named_buffers():
         assert torch.equal(value, dict(full.named_buffers())[key]), key
-    assert not torch.equal(a["layers.1.ffn.experts.gate_proj"][0], a["layers.1.ffn.experts.gate_proj"][1])
+    assert not torch.equal(
+        a["layers.1.ffn.experts.gate_proj"][0], a["layers.1.ffn.experts.gate_proj"][1]
+    )
     other = DeepSeekLM(cfg)
     other.reset_parameters(seed=8)
     assert not torch.equal(other.embed.weight, full.embed.weight)

@@ -8,7 +8,7 @@ from .balance import (
     sequence_balance_loss,
     sign_rule_update_,
 )
-from .dispatch import Dispatcher, LocalDispatcher, LocalState, dispatch_reference
+from .dispatch import Dispatcher, ExpertRows, LocalDispatcher, LocalState, dispatch_reference
 from .experts import GroupedExperts
 from .layer import DeepSeekMoE, RoutingStats
 from .router import Router, RouterOutput
@@ -16,6 +16,7 @@ from .router import Router, RouterOutput
 __all__ = [
     "DeepSeekMoE",
     "Dispatcher",
+    "ExpertRows",
     "GammaSchedule",
     "GroupedExperts",
     "LocalDispatcher",

@@ -13,14 +13,31 @@ import torch
 from torch import Tensor
 
 
+class ExpertRows(NamedTuple):
+    """The rows the experts compute, as a gather not yet done: row n is source[index_N[n]].
+
+    Rows are sorted by local expert (within an expert, by token or received order). Keeping the
+    gather lazy lets ``GroupedExperts`` fuse it (the N x D copy, K times the tokens, is never
+    built nor saved for backward); ``gather()`` materialises it for code that wants plain rows.
+    """
+
+    source: Tensor  # [M, D]: the tokens (local) or the received rows (all-to-all)
+    index_N: Tensor  # int64 [N]
+
+    def gather(self) -> Tensor:
+        """x_ND = source[index_N] (differentiable)."""
+        return self.source.index_select(0, self.index_N)
+
+
 @runtime_checkable
 class Dispatcher(Protocol):
-    """dispatch -> (x_ND sorted by local expert, counts_L int64, state); combine(y_ND, state) -> out_TD."""
+    """dispatch -> (ExpertRows sorted by local expert, counts_L int64, state);
+    combine(y_ND, state) -> out_TD."""
 
     def dispatch(
         self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor
-    ) -> tuple[Tensor, Tensor, Any]:
-        """-> (x_ND rows for this device's experts sorted by local expert id, counts_L int64, state)."""
+    ) -> tuple[ExpertRows, Tensor, Any]:
+        """-> (rows for this device's experts sorted by local expert id, counts_L int64, state)."""
         ...
 
     def combine(self, y_ND: Tensor, state: Any) -> Tensor:
@@ -38,24 +55,6 @@ class LocalState(NamedTuple):
     n_rows: int
     weights_TK: Tensor
     dtype: torch.dtype
-
-
-class _GatherTokens(torch.autograd.Function):
-    """x_ND = x_TD[order // K][:N]. Backward without atomics: un-sort the row grads with the
-    inverse permutation (a gather), then sum each token's K slots."""
-
-    @staticmethod
-    def forward(ctx, x_TD, order_S, inv_S, n_rows, K):  # type: ignore[override]
-        ctx.save_for_backward(inv_S)
-        ctx.n_rows, ctx.K = n_rows, K
-        token_N = torch.div(order_S[:n_rows], K, rounding_mode="floor")
-        return x_TD.index_select(0, token_N)
-
-    @staticmethod
-    def backward(ctx, g_ND):  # type: ignore[override]
-        (inv_S,) = ctx.saved_tensors
-        g_TKD = _pad_rows(g_ND, inv_S.numel()).index_select(0, inv_S)
-        return g_TKD.view(-1, ctx.K, g_ND.shape[1]).sum(dim=1), None, None, None, None
 
 
 class _UnsortRows(torch.autograd.Function):
@@ -84,8 +83,9 @@ class LocalDispatcher:
     """Single-device dispatcher: stable sort of the T*K (token, slot) pairs by expert id.
 
     Empty slots (id -1) sort last and are cut off, so tokens may carry different numbers of
-    experts. Dispatch and combine are gathers both ways (forward and backward): no atomic
-    scatter-add, which is slow on GPUs; combine is a weighted sum over each token's K slots.
+    experts. Dispatch returns the gather lazily (``ExpertRows``: the experts fuse it, and sum a
+    token's row gradients into it); combine is a gather both ways (forward and backward, no
+    atomic scatter-add, which is slow on GPUs) and a weighted sum over each token's K slots.
     """
 
     def __init__(self, n_experts: int) -> None:
@@ -95,11 +95,12 @@ class LocalDispatcher:
 
     def dispatch(
         self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor
-    ) -> tuple[Tensor, Tensor, LocalState]:
+    ) -> tuple[ExpertRows, Tensor, LocalState]:
         """x_TD [T, D], ids_TK [T, K] int64 (-1 = empty), weights_TK [T, K] float32.
 
-        Returns x_ND [N, D] (N = non-empty slots, rows grouped by expert, and within an expert
-        by token order), counts_E [E] int64, and the state ``combine`` needs.
+        Returns the rows x_TD[token of each non-empty slot] (N of them, grouped by expert, and
+        within an expert by token order) as ``ExpertRows``, counts_E [E] int64, and the state
+        ``combine`` needs.
         """
         if x_TD.dim() != 2 or ids_TK.dim() != 2 or ids_TK.shape[0] != x_TD.shape[0]:
             raise ValueError(
@@ -118,9 +119,9 @@ class LocalDispatcher:
         inv_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
         counts = torch.bincount(key_S, minlength=self.n_experts + 1)
         n_rows = key_S.numel() - int(counts[self.n_experts])  # host sync: N sizes the output
-        x_ND = _GatherTokens.apply(x_TD, order_S, inv_S, n_rows, max(K, 1))
+        token_N = torch.div(order_S[:n_rows], max(K, 1), rounding_mode="floor")
         return (
-            x_ND,
+            ExpertRows(x_TD, token_N),
             counts[: self.n_experts],
             LocalState(order_S, inv_S, n_rows, weights_TK, x_TD.dtype),
         )

@@ -6,7 +6,8 @@ contiguous slice of rows; there is no capacity and no padding (dropless).
 
 Paths (all equal to ``forward_reference``, a per-expert autograd loop, held by tests):
 - CPU / other: one autograd Function that loops over the slices with ``torch.mm(out=...)``
-  into preallocated buffers (no cat/stack copies, no zero-filled slice gradients).
+  into preallocated buffers (no cat/stack copies, no zero-filled slice gradients), with the
+  dispatcher's gather fused in (``index_N``) and slice-sized scratch for the temporaries.
 - CUDA bf16/fp16: ``torch._grouped_mm`` (one kernel per projection, no host sync).
 """
 
@@ -58,63 +59,90 @@ def _empty_grad(w_L: Tensor, bounds: list[tuple[int, int, int]]) -> Tensor:
 class _LoopSwiGLU(torch.autograd.Function):
     """Grouped SwiGLU over contiguous slices, with a hand-written backward.
 
+    Input rows are ``x_MD[index_N]`` (a gather fused into the loop, so the N x D copy of the
+    tokens is never materialised nor saved; index_N None: the rows are x_MD itself). Everything
+    except the saved gate/up pre-activations is computed one expert slice at a time in scratch
+    buffers sized for the largest slice, so the backward holds g, u, dy, dx and the weight
+    gradients and no other N-row tensor (and a slice stays in cache between its elementwise
+    ops and its GEMMs).
+
     silu'(g) = s (1 + g (1 - s)), s = sigmoid(g).
     """
 
     @staticmethod
-    def forward(ctx, x_ND, gate_LFD, up_LFD, down_LDF, splits):  # type: ignore[override]
+    def forward(ctx, x_MD, index_N, gate_LFD, up_LFD, down_LDF, splits):  # type: ignore[override]
         bounds = _bounds(splits)
-        N, D = x_ND.shape
+        N, D = sum(splits), x_MD.shape[1]
         Fh = gate_LFD.shape[1]
-        g_NF = x_ND.new_empty(N, Fh)
-        u_NF = x_ND.new_empty(N, Fh)
+        g_NF = x_MD.new_empty(N, Fh)
+        u_NF = x_MD.new_empty(N, Fh)
+        y_ND = x_MD.new_empty(N, D)
+        rows = max((t - s for _, s, t in bounds), default=0)
+        a_buf = x_MD.new_empty(rows, Fh)
+        x_buf = x_MD.new_empty(rows, D) if index_N is not None else None
         for e, s, t in bounds:
-            torch.mm(x_ND[s:t], gate_LFD[e].t(), out=g_NF[s:t])
-            torch.mm(x_ND[s:t], up_LFD[e].t(), out=u_NF[s:t])
-        a_NF = F.silu(g_NF).mul_(u_NF)
-        y_ND = x_ND.new_empty(N, D)
-        for e, s, t in bounds:
-            torch.mm(a_NF[s:t], down_LDF[e].t(), out=y_ND[s:t])
-        ctx.bounds = bounds
-        # a = silu(g) u is recomputed in backward: one elementwise pass buys N x F of memory
-        ctx.save_for_backward(x_ND, gate_LFD, up_LFD, down_LDF, g_NF, u_NF)
+            x = _rows(x_MD, index_N, s, t, x_buf)
+            g, u = g_NF[s:t], u_NF[s:t]
+            torch.mm(x, gate_LFD[e].t(), out=g)
+            torch.mm(x, up_LFD[e].t(), out=u)
+            a = torch.ops.aten.silu.out(g, out=a_buf[: t - s]).mul_(u)
+            torch.mm(a, down_LDF[e].t(), out=y_ND[s:t])
+        ctx.bounds, ctx.rows = bounds, rows
+        # a = silu(g) u is recomputed per slice in backward: one elementwise pass buys N x F
+        ctx.save_for_backward(x_MD, index_N, gate_LFD, up_LFD, down_LDF, g_NF, u_NF)
         return y_ND
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy_ND):  # type: ignore[override]
-        x_ND, gate_LFD, up_LFD, down_LDF, g_NF, u_NF = ctx.saved_tensors
-        bounds = ctx.bounds
-        need_x, need_g, need_u, need_d = ctx.needs_input_grad[:4]
+        x_MD, index_N, gate_LFD, up_LFD, down_LDF, g_NF, u_NF = ctx.saved_tensors
+        bounds, rows = ctx.bounds, ctx.rows
+        need_x, _, need_g, need_u, need_d = ctx.needs_input_grad[:5]
         dy_ND = dy_ND.contiguous()
-        d_down = _empty_grad(down_LDF, bounds) if need_d else None
-        s_NF = F.silu(g_NF)
-        if need_d:
-            a_NF = s_NF * u_NF
-            for e, s, t in bounds:
-                torch.mm(dy_ND[s:t].t(), a_NF[s:t], out=d_down[e])
-            del a_NF
-        da_NF = torch.empty_like(g_NF)
-        for e, s, t in bounds:
-            torch.mm(dy_ND[s:t], down_LDF[e], out=da_NF[s:t])
-        du_NF = s_NF.mul_(da_NF)  # silu(g) * da, in silu(g)'s buffer
-        # dg = (da * u) * silu'(g): aten's fused silu_backward (the kernel autograd uses), written
-        # over da (elementwise, same positions)
-        dg_NF = torch.ops.aten.silu_backward.grad_input(da_NF.mul_(u_NF), g_NF, grad_input=da_NF)
-        dx = torch.empty_like(x_ND) if need_x else None
+        fused = index_N is not None
+        Fh = g_NF.shape[1]
+        dx = None
+        if need_x:  # fused: each row's gradient is added into its token's row
+            dx = torch.zeros_like(x_MD) if fused else torch.empty_like(x_MD)
         d_gate = _empty_grad(gate_LFD, bounds) if need_g else None
         d_up = _empty_grad(up_LFD, bounds) if need_u else None
+        d_down = _empty_grad(down_LDF, bounds) if need_d else None
+        s_buf = g_NF.new_empty(rows, Fh)
+        a_buf = g_NF.new_empty(rows, Fh)
+        x_buf = x_MD.new_empty(rows, x_MD.shape[1]) if fused and (need_g or need_u) else None
+        dx_buf = x_MD.new_empty(rows, x_MD.shape[1]) if fused and need_x else None
         for e, s, t in bounds:
+            n, g, u, dy = t - s, g_NF[s:t], u_NF[s:t], dy_ND[s:t]
+            sg = torch.ops.aten.silu.out(g, out=s_buf[:n])
+            if need_d:
+                torch.mm(dy.t(), torch.mul(sg, u, out=a_buf[:n]), out=d_down[e])
+            da = torch.mm(dy, down_LDF[e], out=a_buf[:n])
+            du = sg.mul_(da)  # silu(g) * da, in silu(g)'s buffer
+            # dg = (da * u) * silu'(g): aten's fused silu_backward (the kernel autograd uses),
+            # written over da (elementwise, same positions)
+            dg = torch.ops.aten.silu_backward.grad_input(da.mul_(u), g, grad_input=da)
             if need_x:
-                torch.mm(dg_NF[s:t], gate_LFD[e], out=dx[s:t])
-                dx[s:t].addmm_(du_NF[s:t], up_LFD[e])
-            if need_g:
-                torch.mm(dg_NF[s:t].t(), x_ND[s:t], out=d_gate[e])
-            if need_u:
-                torch.mm(du_NF[s:t].t(), x_ND[s:t], out=d_up[e])
+                dx_e = dx[s:t] if not fused else dx_buf[:n]
+                torch.mm(dg, gate_LFD[e], out=dx_e)
+                dx_e.addmm_(du, up_LFD[e])
+                if fused:
+                    dx.index_add_(0, index_N[s:t], dx_e)
+            if need_g or need_u:
+                x = _rows(x_MD, index_N, s, t, x_buf)
+                if need_g:
+                    torch.mm(dg.t(), x, out=d_gate[e])
+                if need_u:
+                    torch.mm(du.t(), x, out=d_up[e])
         if need_x and not bounds:
             dx.zero_()
-        return dx, d_gate, d_up, d_down, None
+        return dx, None, d_gate, d_up, d_down, None
+
+
+def _rows(x_MD: Tensor, index_N: Tensor | None, s: int, t: int, buf: Tensor | None) -> Tensor:
+    """Rows s:t of the expert input: x_MD[index_N[s:t]] gathered into buf, or x_MD[s:t]."""
+    if index_N is None:
+        return x_MD[s:t]
+    return torch.index_select(x_MD, 0, index_N[s:t], out=buf[: t - s])
 
 
 def _grouped_swiglu(
@@ -178,44 +206,75 @@ class GroupedExperts(nn.Module):
         new.use_grouped_mm = self.use_grouped_mm
         return new
 
-    def _check(self, x_ND: Tensor) -> None:
-        if not isinstance(x_ND, Tensor) or x_ND.dim() != 2 or x_ND.shape[1] != self.d_model:
-            shape = tuple(x_ND.shape) if isinstance(x_ND, Tensor) else type(x_ND).__name__
-            raise ValueError(f"x_ND must be [N, {self.d_model}], got {shape}")
+    def _check(self, x: Tensor, index_N: Tensor | None) -> int:
+        """Validate the inputs; -> N, the number of expert rows."""
+        if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != self.d_model:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must be [rows, {self.d_model}], got {shape}")
+        if index_N is None:
+            return x.shape[0]
+        if (
+            not isinstance(index_N, Tensor)
+            or index_N.dim() != 1
+            or index_N.dtype != torch.int64
+            or index_N.device != x.device
+        ):
+            what = (
+                f"{index_N.dtype} {tuple(index_N.shape)} on {index_N.device}"
+                if isinstance(index_N, Tensor)
+                else type(index_N).__name__
+            )
+            raise ValueError(f"index_N must be a 1-D int64 tensor on {x.device}, got {what}")
+        return index_N.shape[0]
 
-    def forward(self, x_ND: Tensor, counts_L: Tensor | Sequence[int]) -> Tensor:
-        """x_ND [N, D] rows sorted by local expert; counts_L [L] int64 (tensor or list) -> [N, D]."""
-        self._check(x_ND)
-        if torch.is_autocast_enabled(x_ND.device.type):  # the Function's mm(out=) bypasses autocast
-            x_ND = x_ND.to(torch.get_autocast_dtype(x_ND.device.type))
+    def forward(
+        self, x: Tensor, counts_L: Tensor | Sequence[int], index_N: Tensor | None = None
+    ) -> Tensor:
+        """Expert outputs [N, D] for rows sorted by local expert; counts_L [L] int64 (tensor or
+        list) rows per expert.
+
+        The rows are ``x`` itself ([N, D]), or with ``index_N`` (int64 [N]) the gathered rows
+        ``x[index_N]`` of a source ``x`` [M, D] (e.g. the tokens, each repeated for its K
+        experts): on the loop path the gather is fused, so the N x D copy is neither built nor
+        kept for backward, and a token's row gradients are summed into its row of x's grad.
+        """
+        n_rows = self._check(x, index_N)
+        if torch.is_autocast_enabled(x.device.type):  # the Function's mm(out=) bypasses autocast
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         grouped = self.use_grouped_mm
         if grouped is None:
             grouped = (
-                x_ND.is_cuda
-                and x_ND.dtype in (torch.bfloat16, torch.float16)
+                x.is_cuda
+                and x.dtype in (torch.bfloat16, torch.float16)
                 and hasattr(torch, "_grouped_mm")
             )
         # under autocast x is already in the autocast dtype: the weights follow it (fp32 master
         # weights with bf16 compute), on both paths
-        w = [p.to(x_ND.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
+        w = [p.to(x.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
         if grouped:
-            if not isinstance(counts_L, Tensor):
-                counts_L = torch.tensor(list(counts_L), dtype=torch.int64)
+            if not isinstance(counts_L, Tensor) or not counts_L.is_cuda:
+                # host-side counts are checked like the loop path's; device counts are not (a
+                # check would cost the host sync this path exists to avoid)
+                counts_L = torch.tensor(_splits(counts_L, self.n_experts, n_rows))
             if counts_L.numel() != self.n_experts:
                 raise ValueError(
                     f"counts_L must have {self.n_experts} entries, got {counts_L.numel()}"
                 )
+            x_ND = x if index_N is None else x.index_select(0, index_N)
             return _grouped_swiglu(x_ND, *w, counts_L)
-        splits = _splits(counts_L, self.n_experts, x_ND.shape[0])
-        return _LoopSwiGLU.apply(x_ND.contiguous(), *w, splits)
+        splits = _splits(counts_L, self.n_experts, n_rows)
+        return _LoopSwiGLU.apply(x.contiguous(), index_N, *w, splits)
 
-    def forward_reference(self, x_ND: Tensor, counts_L: Tensor | Sequence[int]) -> Tensor:
+    def forward_reference(
+        self, x: Tensor, counts_L: Tensor | Sequence[int], index_N: Tensor | None = None
+    ) -> Tensor:
         """Obviously-correct per-expert autograd loop (the oracle for ``forward``)."""
-        self._check(x_ND)
-        splits = _splits(counts_L, self.n_experts, x_ND.shape[0])
+        n_rows = self._check(x, index_N)
+        splits = _splits(counts_L, self.n_experts, n_rows)
+        x_ND = x if index_N is None else x[index_N]
         outs = []
-        for e, x in enumerate(torch.split(x_ND, splits)):
-            h = F.silu(x @ self.gate_proj[e].T) * (x @ self.up_proj[e].T)
+        for e, xe in enumerate(torch.split(x_ND, splits)):
+            h = F.silu(xe @ self.gate_proj[e].T) * (xe @ self.up_proj[e].T)
             outs.append(h @ self.down_proj[e].T)
         return torch.cat(outs, dim=0)
 

@@ -152,8 +152,8 @@ class DeepSeekMoE(nn.Module):
         """
         x_TD, n_seq = self._flatten(x)
         r = self.router(x_TD, k)  # route
-        x_ND, counts_L, state = self.dispatcher.dispatch(x_TD, r.ids_TK, r.weights_TK)  # dispatch
-        y_ND = self.experts(x_ND, counts_L)  # compute
+        rows, counts_L, state = self.dispatcher.dispatch(x_TD, r.ids_TK, r.weights_TK)  # dispatch
+        y_ND = self.experts(rows.source, counts_L, rows.index_N)  # compute (gather fused)
         out_TD = self.dispatcher.combine(y_ND, state)  # combine
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
