@@ -335,11 +335,14 @@ class TrainConfig:
     export_final: bool = (
         True  # write <run_dir>/final/model.safetensors (experts gathered) at the end
     )
+    # "full": keep only each block's input, recompute the block (all-to-all included) in backward
+    activation_checkpointing: str = "none"
 
     def __post_init__(self) -> None:
         _positive("train", self, "steps", "micro_batch_size", "global_batch_size", "keep_last")
         _non_negative("train", self, "eval_every", "eval_batches", "save_every", "stop_at_step")
         _one_of("train.precision", self.precision, ["fp32", "bf16"])
+        _one_of("train.activation_checkpointing", self.activation_checkpointing, ["none", "full"])
         _check(
             self.resume in ("auto", "never") or bool(self.resume),
             "train.resume",

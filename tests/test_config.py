@@ -38,6 +38,10 @@ def test_shipped_configs_load(path):
         (["moe.top_p=lots"], "moe.top_p"),
         (["train.steps=0"], "train.steps: expected a positive number"),
         (["moe.score_func=relu"], "moe.score_func: expected one of ['sigmoid', 'softmax']"),
+        (
+            ["train.activation_checkpointing=selective"],
+            "train.activation_checkpointing: expected one of ['none', 'full']",
+        ),
         (["moe.n_expert_per_token=20", "moe.n_routed_experts=16"], "moe.n_expert_per_token"),
         (["moe.n_group=3"], "moe.n_group: expected a divisor of moe.n_routed_experts"),
         (["moe.n_group=4", "moe.topk_group=5"], "moe.topk_group"),

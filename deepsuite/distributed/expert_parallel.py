@@ -27,7 +27,7 @@ from deepsuite.distributed.groups import (
     check_same_config,
     validate_expert_parallel,
 )
-from deepsuite.layers.moe import DeepSeekMoE, GroupedExperts
+from deepsuite.layers.moe import DeepSeekMoE, ExpertRows, GroupedExperts
 
 __all__ = [
     "ExpertShard",
@@ -67,10 +67,8 @@ class ExpertShard(_DeepSpeedMoE):
         self.register_state_dict_post_hook(_split_experts_hook)
         self.register_load_state_dict_pre_hook(_stack_experts_hook)
 
-    def forward(  # type: ignore[override]
-        self, x: Tensor, counts_L: Tensor | Sequence[int], index_N: Tensor | None = None
-    ) -> Tensor:
-        return self.local(x, counts_L, index_N)
+    def forward(self, x: Tensor | ExpertRows, counts_L: Tensor | Sequence[int]) -> Tensor:  # type: ignore[override]
+        return self.local(x, counts_L)
 
     def set_deepspeed_parallelism(self, *args: Any, **kwargs: Any) -> None:
         """Called by the engine: the groups must already exist (``setup_expert_parallel``)."""

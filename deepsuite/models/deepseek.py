@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from deepsuite.config import Config
 from deepsuite.layers.attention import MultiHeadLatentAttention, RotaryPositionEmbedding
@@ -241,8 +242,12 @@ class DeepSeekLM(nn.Module):
         emb_BSD = self.embed(input_ids)
         h_BSD = emb_BSD
         aux_losses: dict[str, Tensor] = {}
+        recompute = self.training and self.cfg.train.activation_checkpointing == "full"
         for i, layer in enumerate(self.layers):
-            h_BSD = layer(h_BSD, attention_mask, position_ids)
+            if recompute and torch.is_grad_enabled():
+                h_BSD = checkpoint(layer, h_BSD, attention_mask, position_ids, use_reentrant=False)
+            else:
+                h_BSD = layer(h_BSD, attention_mask, position_ids)
             if labels is not None:
                 for head_cfg in self._aux_at.get(i, ()):
                     head = self.aux_heads[head_cfg.name]

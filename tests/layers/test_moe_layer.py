@@ -5,7 +5,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deepsuite.layers.moe import DeepSeekMoE, GroupedExperts, LocalDispatcher, dispatch_reference
+from deepsuite.layers.moe import (
+    DeepSeekMoE,
+    ExpertRows,
+    GroupedExperts,
+    LocalDispatcher,
+    dispatch_reference,
+)
+from deepsuite.layers.moe.dispatch import combine_by_gather, combine_by_rows
 
 
 def _grads(m, x, out, g):
@@ -112,8 +119,9 @@ def test_fused_gather_equals_gathering_first(grouped):
     counts = torch.tensor([3, 0, 4, 0, 2])
     x = torch.randn(7, 8, dtype=dtype, requires_grad=True)
     index = torch.tensor([0, 2, 5, 0, 1, 2, 5, 2, 0])  # token 2 three times, 3/4/6 never
-    y = ex(x, counts, index)
-    y_ref = ex.forward_reference(x, counts.tolist(), index)
+    rows = ExpertRows(x, index)
+    y = ex(rows, counts)
+    y_ref = ex.forward_reference(rows, counts.tolist())
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(y, ex(x[index], counts))
     params = [x, ex.gate_proj, ex.up_proj, ex.down_proj]
@@ -123,11 +131,11 @@ def test_fused_gather_equals_gathering_first(grouped):
     ):
         torch.testing.assert_close(a, b)
     if not grouped:
-        assert torch.autograd.gradcheck(lambda x: ex(x, counts, index), (x,))
+        assert torch.autograd.gradcheck(lambda x: ex(ExpertRows(x, index), counts), (x,))
     with pytest.raises(ValueError, match="index_N must be a 1-D int64"):
-        ex(x, counts, index.int())
+        ex(ExpertRows(x, index.int()), counts)
     with pytest.raises(ValueError, match="counts_L"):
-        ex(x, [3, 0, 4, 0, 1], index)
+        ex(rows, [3, 0, 4, 0, 1])
 
 
 def test_slice_experts_shares_no_storage():
@@ -194,12 +202,20 @@ def test_dispatch_combine_gradcheck_with_empty_slots():
     w = torch.rand(4, 3, dtype=torch.float64, generator=g).masked_fill(ids < 0, 0).requires_grad_()
     m = torch.randn(8, 3, dtype=torch.float64, generator=g)  # row-wise nonlinearity stand-in
 
-    def f(x, w):
-        rows, _counts, state = d.dispatch(x, ids, w)
-        x_ND = rows.gather()
-        return d.combine(torch.tanh(x_ND * m[: x_ND.shape[0]]), state)
+    def moe(combine):
+        def f(x, w):
+            rows, _counts, state = d.dispatch(x, ids, w)
+            x_ND = rows.gather()
+            return combine(torch.tanh(x_ND * m[: x_ND.shape[0]]), state)
 
-    assert torch.autograd.gradcheck(f, (x, w))
+        return f
+
+    # combine picks the CPU form here; the GPU form must agree with it on the same rows
+    outs = [moe(c)(x, w) for c in (d.combine, combine_by_rows, combine_by_gather)]
+    torch.testing.assert_close(outs[0], outs[2])
+    torch.testing.assert_close(outs[1], outs[2])
+    for combine in (combine_by_rows, combine_by_gather):
+        assert torch.autograd.gradcheck(moe(combine), (x, w))
 
 
 def test_readme_snippet_full_size_on_meta_and_small_for_real():

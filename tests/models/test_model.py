@@ -123,6 +123,48 @@ def test_moe_aux_losses_join_the_loss():
     torch.testing.assert_close(out.loss, out.lm_loss + out.moe_aux_loss)
 
 
+def _saved_bytes(model: DeepSeekLM, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(loss, bytes of the distinct storages autograd saves outside checkpointed regions)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(ids, ids).loss
+    loss.backward()
+    return loss.detach(), sum(seen.values())
+
+
+def test_activation_checkpointing_same_loss_grads_and_counts_with_less_saved():
+    """train.activation_checkpointing=full recomputes each block in backward: loss, gradients
+    (aux loss included), routing counts and stats are those of the plain run, each token is
+    counted once for the balancing bias, and what autograd keeps shrinks to the block inputs."""
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for mode in ("none", "full"):
+        model = small_model("moe.seq_aux_alpha=0.01", f"train.activation_checkpointing={mode}")
+        loss, saved = _saved_bytes(model, ids)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        moe = model.moe_layers()
+        runs[mode] = (loss, saved, grads, [m.tokens_per_expert.clone() for m in moe], moe)
+    (l0, s0, g0, c0, m0), (l1, s1, g1, c1, m1) = runs["none"], runs["full"]
+    torch.testing.assert_close(l1, l0)
+    assert g0.keys() == g1.keys() and any("experts.gate_proj" in k for k in g0)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], msg=k)
+    for a, b in zip(c0, c1, strict=True):
+        assert torch.equal(a, b) and int(a.sum()) == 4 * 16 * 2  # T x top-k, counted once
+    for a, b in zip(m0, m1, strict=True):
+        assert torch.equal(a.last_stats.counts_E, b.last_stats.counts_E)
+        assert b.aux_loss is not None and b.aux_loss.requires_grad
+    assert s1 < s0 / 3, (s1, s0)
+    model.eval()  # evaluation never checkpoints (no graph to save)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, ids).loss, l1)
+
+
 def test_bad_input():
     model = small_model()
     with pytest.raises(ValueError, match="input_ids"):

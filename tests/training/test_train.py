@@ -29,6 +29,11 @@ VARIANTS = {
     # name: (ranks, overrides); all take 2 micro-batches per optimizer step
     "one": (1, ["parallel.ep=1", "train.micro_batch_size=4"]),
     "ep2": (2, ["parallel.ep=2", "train.micro_batch_size=2"]),
+    # every block recomputed in backward, its all-to-alls included
+    "ep2_ckpt": (
+        2,
+        ["parallel.ep=2", "train.micro_batch_size=2", "train.activation_checkpointing=full"],
+    ),
     "dp2_zero2": (
         2,
         [
@@ -52,7 +57,7 @@ def final_state(run_dir):
     return load_file(str(run_dir / "final" / "model.safetensors"))
 
 
-@pytest.mark.parametrize("name", ["ep2", "dp2_zero2"])
+@pytest.mark.parametrize("name", ["ep2", "ep2_ckpt", "dp2_zero2"])
 def test_two_ranks_equal_one_process(runs, name):
     ref, got = losses(runs / "one"), losses(runs / name)
     assert sorted(ref) == list(range(1, STEPS + 1))
@@ -69,7 +74,7 @@ def test_two_ranks_equal_one_process(runs, name):
             assert a[key].abs().sum() > 0  # it did move
 
 
-@pytest.mark.parametrize("name", ["one", "ep2"])
+@pytest.mark.parametrize("name", ["one", "ep2", "ep2_ckpt"])
 def test_bias_moves_once_per_step_by_global_counts(runs, name):
     records = metrics(runs / name)
     layers = sorted({k.split("/")[1] for r in records for k in r if k.endswith("/load")})

@@ -19,14 +19,37 @@ class ExpertRows(NamedTuple):
     Rows are sorted by local expert (within an expert, by token or received order). Keeping the
     gather lazy lets ``GroupedExperts`` fuse it (the N x D copy, K times the tokens, is never
     built nor saved for backward); ``gather()`` materialises it for code that wants plain rows.
+    ``slot_rows`` (local dispatch: the row of each (token, slot), >= N for an empty slot) lets
+    ``gather()``'s backward sum a token's row gradients with a gather instead of an atomic
+    scatter-add.
     """
 
     source: Tensor  # [M, D]: the tokens (local) or the received rows (all-to-all)
     index_N: Tensor  # int64 [N]
+    slot_rows: Tensor | None = None  # int64 [M * K]
 
     def gather(self) -> Tensor:
         """x_ND = source[index_N] (differentiable)."""
-        return self.source.index_select(0, self.index_N)
+        if self.slot_rows is None:
+            return self.source.index_select(0, self.index_N)
+        return _GatherRows.apply(self.source, self.index_N, self.slot_rows)
+
+
+class _GatherRows(torch.autograd.Function):
+    """x_ND = x_TD[token_N]. Backward without atomics: un-sort the row grads with the inverse
+    permutation (a gather), then sum each token's K slots."""
+
+    @staticmethod
+    def forward(ctx, x_TD, token_N, slot_rows):  # type: ignore[override]
+        ctx.save_for_backward(slot_rows)
+        ctx.shape = (x_TD.shape[0], slot_rows.numel() // max(x_TD.shape[0], 1), x_TD.shape[1])
+        return x_TD.index_select(0, token_N)
+
+    @staticmethod
+    def backward(ctx, g_ND):  # type: ignore[override]
+        (slot_rows,) = ctx.saved_tensors
+        g_SD = _pad_rows(g_ND, slot_rows.numel()).index_select(0, slot_rows)
+        return g_SD.view(ctx.shape).sum(dim=1), None, None
 
 
 @runtime_checkable
@@ -48,13 +71,62 @@ class Dispatcher(Protocol):
 
 class LocalState(NamedTuple):
     """order_S: flat slot (t*K + k) of each sorted row; inv_S: sorted row of each flat slot
-    (rows >= n_rows are empty slots); weights_TK: gate weights (have grad); dtype: x's dtype."""
+    (rows >= n_rows are empty slots); token_N: token of each row; weights_TK: gate weights
+    (have grad); dtype: x's dtype."""
 
     order_S: Tensor
     inv_S: Tensor
+    token_N: Tensor
     n_rows: int
     weights_TK: Tensor
     dtype: torch.dtype
+
+
+class _WeightedSumRows(torch.autograd.Function):
+    """out_TD[t] = sum of w_N[n] y_ND[n] over the rows n of token t (token_N[n] = t), CPU.
+
+    Works in chunks of rows through one scratch buffer: no N x D temporaries in forward (only y
+    is kept for the weights' gradient) and, in backward, only dy itself. ``index_add_`` on CPU
+    adds rows in order, so the sum is deterministic (a token's slots in ascending expert order).
+    """
+
+    @staticmethod
+    def forward(ctx, y_ND, w_N, token_N, n_tokens):  # type: ignore[override]
+        N, D = y_ND.shape
+        out_TD = y_ND.new_zeros(n_tokens, D)
+        step = _chunk_rows(D)
+        buf = y_ND.new_empty(min(step, N), D)
+        for s in range(0, N, step):
+            t = min(s + step, N)
+            yw = torch.mul(y_ND[s:t], w_N[s:t, None], out=buf[: t - s])
+            out_TD.index_add_(0, token_N[s:t], yw)
+        ctx.save_for_backward(y_ND, w_N, token_N)
+        return out_TD
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_TD):  # type: ignore[override]
+        y_ND, w_N, token_N = ctx.saved_tensors
+        need_y, need_w = ctx.needs_input_grad[:2]
+        N, D = y_ND.shape
+        g_TD = g_TD.contiguous()
+        g_ND = y_ND.new_empty(N, D)  # holds g[token] per row, then (in place) dy = w g[token]
+        dw = w_N.new_empty(N) if need_w else None
+        step = _chunk_rows(D)
+        buf = y_ND.new_empty(min(step, N), D) if need_w else None
+        for s in range(0, N, step):
+            t = min(s + step, N)
+            g = torch.index_select(g_TD, 0, token_N[s:t], out=g_ND[s:t])
+            if need_w:
+                torch.sum(torch.mul(g, y_ND[s:t], out=buf[: t - s]), dim=1, out=dw[s:t])
+            if need_y:
+                g.mul_(w_N[s:t, None])
+        return (g_ND if need_y else None), dw, None, None
+
+
+def _chunk_rows(d: int) -> int:
+    """Rows per chunk for about 256K elements (1 MiB of fp32): cache-sized scratch."""
+    return max(1, (1 << 18) // max(d, 1))
 
 
 class _UnsortRows(torch.autograd.Function):
@@ -84,8 +156,10 @@ class LocalDispatcher:
 
     Empty slots (id -1) sort last and are cut off, so tokens may carry different numbers of
     experts. Dispatch returns the gather lazily (``ExpertRows``: the experts fuse it, and sum a
-    token's row gradients into it); combine is a gather both ways (forward and backward, no
-    atomic scatter-add, which is slow on GPUs) and a weighted sum over each token's K slots.
+    token's row gradients into it). Combine has two forms with one result: on GPUs a gather both
+    ways (forward and backward, no atomic scatter-add, which is slow there) and a weighted sum
+    over each token's K slots (``combine_by_gather``); on CPU each weighted row added into its
+    token in cache-sized chunks, with no N x D temporaries (``combine_by_rows``).
     """
 
     def __init__(self, n_experts: int) -> None:
@@ -121,9 +195,9 @@ class LocalDispatcher:
         n_rows = key_S.numel() - int(counts[self.n_experts])  # host sync: N sizes the output
         token_N = torch.div(order_S[:n_rows], max(K, 1), rounding_mode="floor")
         return (
-            ExpertRows(x_TD, token_N),
+            ExpertRows(x_TD, token_N, inv_S),
             counts[: self.n_experts],
-            LocalState(order_S, inv_S, n_rows, weights_TK, x_TD.dtype),
+            LocalState(order_S, inv_S, token_N, n_rows, weights_TK, x_TD.dtype),
         )
 
     def combine(self, y_ND: Tensor, state: LocalState) -> Tensor:
@@ -131,17 +205,26 @@ class LocalDispatcher:
 
         The weighted sum runs in y's dtype (weights cast to it, as HF and DeepSeek do).
         """
-        order_S, inv_S, n_rows, weights_TK, dtype = state
-        if y_ND.shape[0] != n_rows:
-            raise ValueError(f"y_ND must have {n_rows} rows, got {y_ND.shape[0]}")
-        T, K = weights_TK.shape
-        y_TKD = _UnsortRows.apply(y_ND, order_S, inv_S).view(T, K, y_ND.shape[1])
-        w_TK = weights_TK.to(y_ND.dtype)
-        if y_TKD.is_cuda:  # batched m=1 GEMMs are slow on GPUs: multiply-and-sum is memory-bound
-            out_TD = (y_TKD * w_TK.unsqueeze(-1)).sum(dim=1)
-        else:  # on CPU the batched product beats the elementwise form (~2.5x measured)
-            out_TD = torch.bmm(w_TK.unsqueeze(1), y_TKD).squeeze(1)
-        return out_TD.to(dtype)
+        if y_ND.shape[0] != state.n_rows:
+            raise ValueError(f"y_ND must have {state.n_rows} rows, got {y_ND.shape[0]}")
+        dtype = state.dtype
+        combine = combine_by_gather if y_ND.is_cuda else combine_by_rows
+        return combine(y_ND, state).to(dtype)
+
+
+def combine_by_gather(y_ND: Tensor, state: LocalState) -> Tensor:
+    """GPU form: un-sort the rows to (token, slot) order by a gather, then multiply-and-sum over
+    the K slots (no atomics, memory-bound). -> [T, D] in y's dtype."""
+    T, K = state.weights_TK.shape
+    y_TKD = _UnsortRows.apply(y_ND, state.order_S, state.inv_S).view(T, K, y_ND.shape[1])
+    return (y_TKD * state.weights_TK.to(y_ND.dtype).unsqueeze(-1)).sum(dim=1)
+
+
+def combine_by_rows(y_ND: Tensor, state: LocalState) -> Tensor:
+    """CPU form: each row, weighted, added into its token in cache-sized chunks (no N x D
+    temporaries). -> [T, D] in y's dtype."""
+    w_N = state.weights_TK.to(y_ND.dtype).reshape(-1).index_select(0, state.order_S[: state.n_rows])
+    return _WeightedSumRows.apply(y_ND.contiguous(), w_N, state.token_N, state.weights_TK.shape[0])
 
 
 def dispatch_reference(x_TD: Tensor, ids_TK: Tensor, n_experts: int) -> tuple[Tensor, Tensor]:

@@ -7,7 +7,7 @@ contiguous slice of rows; there is no capacity and no padding (dropless).
 Paths (all equal to ``forward_reference``, a per-expert autograd loop, held by tests):
 - CPU / other: one autograd Function that loops over the slices with ``torch.mm(out=...)``
   into preallocated buffers (no cat/stack copies, no zero-filled slice gradients), with the
-  dispatcher's gather fused in (``index_N``) and slice-sized scratch for the temporaries.
+  dispatcher's gather fused in (``ExpertRows``) and slice-sized scratch for the temporaries.
 - CUDA bf16/fp16: ``torch._grouped_mm`` (one kernel per projection, no host sync).
 """
 
@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .dispatch import ExpertRows
 
 
 def _splits(counts_L: Tensor | Sequence[int], n_experts: int, n_rows: int) -> list[int]:
@@ -206,51 +208,55 @@ class GroupedExperts(nn.Module):
         new.use_grouped_mm = self.use_grouped_mm
         return new
 
-    def _check(self, x: Tensor, index_N: Tensor | None) -> int:
-        """Validate the inputs; -> N, the number of expert rows."""
-        if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != self.d_model:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+    def _check(self, x: Tensor | ExpertRows) -> int:
+        """Validate the input rows; -> N, their number."""
+        src = x.source if isinstance(x, ExpertRows) else x
+        if not isinstance(src, Tensor) or src.dim() != 2 or src.shape[1] != self.d_model:
+            shape = tuple(src.shape) if isinstance(src, Tensor) else type(src).__name__
             raise ValueError(f"x must be [rows, {self.d_model}], got {shape}")
-        if index_N is None:
+        if not isinstance(x, ExpertRows):
             return x.shape[0]
+        idx = x.index_N
         if (
-            not isinstance(index_N, Tensor)
-            or index_N.dim() != 1
-            or index_N.dtype != torch.int64
-            or index_N.device != x.device
+            not isinstance(idx, Tensor)
+            or idx.dim() != 1
+            or idx.dtype != torch.int64
+            or idx.device != src.device
         ):
             what = (
-                f"{index_N.dtype} {tuple(index_N.shape)} on {index_N.device}"
-                if isinstance(index_N, Tensor)
-                else type(index_N).__name__
+                f"{idx.dtype} {tuple(idx.shape)} on {idx.device}"
+                if isinstance(idx, Tensor)
+                else type(idx).__name__
             )
-            raise ValueError(f"index_N must be a 1-D int64 tensor on {x.device}, got {what}")
-        return index_N.shape[0]
+            raise ValueError(f"index_N must be a 1-D int64 tensor on {src.device}, got {what}")
+        return idx.shape[0]
 
-    def forward(
-        self, x: Tensor, counts_L: Tensor | Sequence[int], index_N: Tensor | None = None
-    ) -> Tensor:
+    def forward(self, x: Tensor | ExpertRows, counts_L: Tensor | Sequence[int]) -> Tensor:
         """Expert outputs [N, D] for rows sorted by local expert; counts_L [L] int64 (tensor or
         list) rows per expert.
 
-        The rows are ``x`` itself ([N, D]), or with ``index_N`` (int64 [N]) the gathered rows
-        ``x[index_N]`` of a source ``x`` [M, D] (e.g. the tokens, each repeated for its K
-        experts): on the loop path the gather is fused, so the N x D copy is neither built nor
-        kept for backward, and a token's row gradients are summed into its row of x's grad.
+        The rows are ``x`` itself ([N, D]) or, as dispatchers return them, ``ExpertRows``: the
+        gathered rows ``source[index_N]`` of a source [M, D] (e.g. the tokens, each repeated for
+        its K experts). The loop path fuses that gather: the N x D copy is neither built nor kept
+        for backward, and a token's row gradients are summed into its row of the source's grad.
+        The grouped_mm path gathers first (``ExpertRows.gather``).
         """
-        n_rows = self._check(x, index_N)
-        if torch.is_autocast_enabled(x.device.type):  # the Function's mm(out=) bypasses autocast
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+        n_rows = self._check(x)
+        dev = x.source.device if isinstance(x, ExpertRows) else x.device
+        if torch.is_autocast_enabled(dev.type):  # the Function's mm(out=) bypasses autocast
+            dtype = torch.get_autocast_dtype(dev.type)
+            x = x._replace(source=x.source.to(dtype)) if isinstance(x, ExpertRows) else x.to(dtype)
+        dtype = x.source.dtype if isinstance(x, ExpertRows) else x.dtype
         grouped = self.use_grouped_mm
         if grouped is None:
             grouped = (
-                x.is_cuda
-                and x.dtype in (torch.bfloat16, torch.float16)
+                dev.type == "cuda"
+                and dtype in (torch.bfloat16, torch.float16)
                 and hasattr(torch, "_grouped_mm")
             )
         # under autocast x is already in the autocast dtype: the weights follow it (fp32 master
         # weights with bf16 compute), on both paths
-        w = [p.to(x.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
+        w = [p.to(dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
         if grouped:
             if not isinstance(counts_L, Tensor) or not counts_L.is_cuda:
                 # host-side counts are checked like the loop path's; device counts are not (a
@@ -260,18 +266,18 @@ class GroupedExperts(nn.Module):
                 raise ValueError(
                     f"counts_L must have {self.n_experts} entries, got {counts_L.numel()}"
                 )
-            x_ND = x if index_N is None else x.index_select(0, index_N)
+            x_ND = x.gather() if isinstance(x, ExpertRows) else x
             return _grouped_swiglu(x_ND, *w, counts_L)
         splits = _splits(counts_L, self.n_experts, n_rows)
-        return _LoopSwiGLU.apply(x.contiguous(), index_N, *w, splits)
+        if isinstance(x, ExpertRows):
+            return _LoopSwiGLU.apply(x.source.contiguous(), x.index_N, *w, splits)
+        return _LoopSwiGLU.apply(x.contiguous(), None, *w, splits)
 
-    def forward_reference(
-        self, x: Tensor, counts_L: Tensor | Sequence[int], index_N: Tensor | None = None
-    ) -> Tensor:
+    def forward_reference(self, x: Tensor | ExpertRows, counts_L: Tensor | Sequence[int]) -> Tensor:
         """Obviously-correct per-expert autograd loop (the oracle for ``forward``)."""
-        n_rows = self._check(x, index_N)
+        n_rows = self._check(x)
         splits = _splits(counts_L, self.n_experts, n_rows)
-        x_ND = x if index_N is None else x[index_N]
+        x_ND = x.source[x.index_N] if isinstance(x, ExpertRows) else x
         outs = []
         for e, xe in enumerate(torch.split(x_ND, splits)):
             h = F.silu(xe @ self.gate_proj[e].T) * (xe @ self.up_proj[e].T)

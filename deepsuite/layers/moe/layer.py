@@ -26,6 +26,11 @@ from .experts import GroupedExperts
 from .router import Router, RouterOutput
 
 
+def _in_backward() -> bool:
+    """True while autograd's engine is running (e.g. a checkpointed forward being recomputed)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 @dataclass
 class RoutingStats:
     """Per-forward routing statistics (detached; reading them as numbers is the caller's sync).
@@ -153,7 +158,7 @@ class DeepSeekMoE(nn.Module):
         x_TD, n_seq = self._flatten(x)
         r = self.router(x_TD, k)  # route
         rows, counts_L, state = self.dispatcher.dispatch(x_TD, r.ids_TK, r.weights_TK)  # dispatch
-        y_ND = self.experts(rows.source, counts_L, rows.index_N)  # compute (gather fused)
+        y_ND = self.experts(rows, counts_L)  # compute (the gather fused in)
         out_TD = self.dispatcher.combine(y_ND, state)  # combine
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
@@ -182,9 +187,15 @@ class DeepSeekMoE(nn.Module):
         return out.view(x.shape), r.logits_TE
 
     def _record(self, r: RouterOutput, n_seq: int) -> None:
-        """Accumulate counts (training only) and compute stats / enabled losses."""
+        """Accumulate counts (training only) and compute stats / enabled losses.
+
+        Under activation checkpointing the forward runs again inside backward: the losses are
+        recomputed (checkpointing needs the same saved tensors) but the state is left alone, so
+        a token is counted once and ``last_stats`` / ``aux_loss`` stay the first pass's.
+        """
+        recompute = _in_backward()
         counts_E = r.counts_E.detach()
-        if self.training:
+        if self.training and not recompute:
             self.tokens_per_expert.add_(counts_E.to(self.tokens_per_expert.device))
         T = r.ids_TK.shape[0]
         losses: list[Tensor] = []
@@ -200,6 +211,8 @@ class DeepSeekMoE(nn.Module):
         if self.aux_loss_alpha > 0:
             aux = aux_balance_loss(r.scores_TE, r.ids_TK, self.aux_loss_alpha)
             losses.append(aux)
+        if recompute:
+            return
         self.aux_loss = sum(losses[1:], losses[0]) if losses else None
         self.last_stats = RoutingStats(
             counts_E=counts_E,
