@@ -50,8 +50,7 @@ class DispatchState:
     token_S: torch.Tensor  # int64 [S] token index of each sent row
     in_splits: tuple[int, ...]  # [P] rows sent to each rank
     out_splits: tuple[int, ...]  # [P] rows received from each rank
-    row_N: torch.Tensor  # int64 [N] received row feeding each dispatched row
-    weight_N: torch.Tensor  # float32 [N] gate weight of each dispatched row
+    n_received: int  # R: rows received, the source rows of this rank's ExpertRows
     n_tokens: int
     dtype: torch.dtype
     a2a_time_s: float
@@ -167,33 +166,30 @@ class AllToAllDispatcher:
             token_S=token_S,
             in_splits=in_splits,
             out_splits=out_splits,
-            row_N=row_N,
-            weight_N=w_RK[row_N, k_N],
+            n_received=R,
             n_tokens=T,
             dtype=x_TD.dtype,
             a2a_time_s=t_counts + t_rows,
             stats=stats,
         )
-        return ExpertRows(x_RD, row_N), counts_L, state
+        return ExpertRows(x_RD, row_N, w_RK[row_N, k_N]), counts_L, state
 
-    def combine(self, y_ND: torch.Tensor, state: DispatchState) -> torch.Tensor:
-        """Weight, sum per (token, source rank), send back and sum per token.
+    def combine(self, z_RD: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        """Send the per-received-row sums back and sum per token.
 
         Args:
-            y_ND: expert outputs [N, D] in the order ``dispatch`` returned.
+            z_RD: [R, D], for each received row the gate-weighted sum of its experts' outputs
+                (what ``GroupedExperts`` returns for the ``ExpertRows`` of ``dispatch``).
             state: from ``dispatch``.
 
         Returns:
             out_TD [T, D] in x's dtype: out[t] = sum_k weights_TK[t, k] * y(row of (t, k)).
         """
-        if y_ND.dim() != 2 or y_ND.shape[0] != state.row_N.shape[0]:
-            raise ValueError(f"y_ND: expected [{state.row_N.shape[0]}, D], got {tuple(y_ND.shape)}")
-        D = y_ND.shape[1]
-        n_recv = int(sum(state.out_splits))
-        yw_ND = y_ND.float() * state.weight_N[:, None]
-        z_RD = y_ND.new_zeros((n_recv, D), dtype=torch.float32).index_add(0, state.row_N, yw_ND)
+        if z_RD.dim() != 2 or z_RD.shape[0] != state.n_received:
+            raise ValueError(f"z_RD: expected [{state.n_received}, D], got {tuple(z_RD.shape)}")
+        D, n_recv = z_RD.shape[1], state.n_received
         (z_SD,), t_back = self._timed_exchange(
-            [z_RD.to(state.dtype)], state.out_splits, state.in_splits, y_ND.device
+            [z_RD.to(state.dtype)], state.out_splits, state.in_splits, z_RD.device
         )
         out_TD = z_SD.new_zeros((state.n_tokens, D), dtype=torch.float32)
         out_TD = out_TD.index_add(0, state.token_S, z_SD.float()).to(state.dtype)

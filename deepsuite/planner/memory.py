@@ -140,11 +140,12 @@ def activation_bytes(cfg: Config, lay: Layout, vocab_size: int) -> ActivationEst
 
     Counted per block from the model's code: norm inputs and outputs, every projection's input,
     q / k / v and the attention output (flash-style attention: no S x S matrix), the router's
-    fp32 logits and scores, per routed slot the gate and up pre-activations and the expert output
-    (the experts fuse the dispatch gather and recompute silu(g) u, so no row copy is kept), four
-    F-wide tensors and the input for the shared and dense SwiGLUs, and the fp32 logits for the loss. Routing is taken
-    as balanced (T K rows per layer per rank in expectation). With activation checkpointing a block
-    keeps only its input, plus one block's full set during its recompute. Small tensors
+    fp32 logits and scores, per routed slot the gate and up pre-activations (the experts fuse
+    the dispatch gather and the weighted combine and recompute silu(g) u, so neither the
+    repeated token rows nor the per-slot outputs are kept), the input and four F-wide tensors
+    for the shared and dense SwiGLUs, and the fp32 logits for the loss. Routing is taken as
+    balanced (T K rows per layer per rank in expectation). With activation checkpointing a
+    block keeps only its input, plus one block's full set during its recompute. Small tensors
     (indices, per-token weights) are left out; expect this within about 20%.
     """
     m, a, e = cfg.model, cfg.mla, cfg.moe
@@ -179,7 +180,6 @@ def activation_bytes(cfg: Config, lay: Layout, vocab_size: int) -> ActivationEst
         T * b * 2 * D
         + T * 4 * 2 * e.n_routed_experts  # router logits and scores, fp32
         + T * K * b * 2 * e.expert_intermediate_size  # routed: gate and up pre-activations
-        + T * K * b * D  # expert outputs before the weighted combine
         + (swiglu(T, e.n_shared_experts * e.expert_intermediate_size) if e.n_shared_experts else 0)
     )
     out = T * b * 2 * D + T * vocab_size * (b + 4)

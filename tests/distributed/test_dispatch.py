@@ -78,7 +78,7 @@ def _worker(rank: int, world: int, names: list[str]) -> dict:
         # per-expert loop over the sorted rows: the plainest possible expert compute
         chunks = torch.split(x_ND, counts_L.tolist())
         y_ND = torch.cat([ch @ W_local[i].T.to(dtype) for i, ch in enumerate(chunks)] + [x_ND[:0]])
-        y = disp.combine(y_ND, state)
+        y = disp.combine(rows.scatter(y_ND), state)
         assert y.dtype == dtype
         (y.float() * c["G"][rank]).sum().backward()
         dist.barrier()

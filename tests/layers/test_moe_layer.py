@@ -12,7 +12,6 @@ from deepsuite.layers.moe import (
     LocalDispatcher,
     dispatch_reference,
 )
-from deepsuite.layers.moe.dispatch import combine_by_gather, combine_by_rows
 
 
 def _grads(m, x, out, g):
@@ -107,9 +106,11 @@ def test_grouped_experts_fast_equals_loop_including_empty_experts():
 
 
 @pytest.mark.parametrize("grouped", [False, True])
-def test_fused_gather_equals_gathering_first(grouped):
-    """experts(x, counts, index_N) == experts(x[index_N], counts): the loop path fuses the gather
-    (rows repeat tokens, some tokens unused, empty experts) and sums row gradients per token."""
+@pytest.mark.parametrize("weighted", [False, True])
+def test_expert_rows_fused_equals_gather_compute_scatter(grouped, weighted):
+    """experts(ExpertRows) == rows.scatter(experts(rows.gather())): the loop path fuses the
+    gather and the weighted scatter (rows repeat tokens, some tokens unused, empty experts), with
+    gradients for the source, the gate weights and the expert weights."""
     if grouped and not hasattr(torch, "_grouped_mm"):
         pytest.skip("torch._grouped_mm is not in this torch")
     torch.manual_seed(0)
@@ -118,20 +119,25 @@ def test_fused_gather_equals_gathering_first(grouped):
     ex.use_grouped_mm = grouped
     counts = torch.tensor([3, 0, 4, 0, 2])
     x = torch.randn(7, 8, dtype=dtype, requires_grad=True)
+    w = torch.rand(9, dtype=dtype, requires_grad=True) if weighted else None
     index = torch.tensor([0, 2, 5, 0, 1, 2, 5, 2, 0])  # token 2 three times, 3/4/6 never
-    rows = ExpertRows(x, index)
-    y = ex(rows, counts)
-    y_ref = ex.forward_reference(rows, counts.tolist())
-    torch.testing.assert_close(y, y_ref)
-    torch.testing.assert_close(y, ex(x[index], counts))
-    params = [x, ex.gate_proj, ex.up_proj, ex.down_proj]
-    g = torch.randn_like(y)
+    rows = ExpertRows(x, index, w)
+    z = ex(rows, counts)
+    assert z.shape == (7, 8)
+    z_ref = ex.forward_reference(rows, counts.tolist())
+    torch.testing.assert_close(z, z_ref)
+    torch.testing.assert_close(z, rows.scatter(ex(rows.gather(), counts)))
+    params = [x, ex.gate_proj, ex.up_proj, ex.down_proj] + ([w] if weighted else [])
+    g = torch.randn_like(z)
     for a, b in zip(
-        torch.autograd.grad(y, params, g), torch.autograd.grad(y_ref, params, g), strict=True
+        torch.autograd.grad(z, params, g), torch.autograd.grad(z_ref, params, g), strict=True
     ):
         torch.testing.assert_close(a, b)
     if not grouped:
-        assert torch.autograd.gradcheck(lambda x: ex(ExpertRows(x, index), counts), (x,))
+        inputs = (x, w) if weighted else (x,)
+        assert torch.autograd.gradcheck(
+            lambda x, w=None: ex(ExpertRows(x, index, w), counts), inputs
+        )
     with pytest.raises(ValueError, match="index_N must be a 1-D int64"):
         ex(ExpertRows(x, index.int()), counts)
     with pytest.raises(ValueError, match="counts_L"):
@@ -176,7 +182,7 @@ def test_dispatch_combine_identity_gives_k_times_x(T, E, data):
     x_ND = rows.gather()
     rows_ref, counts_ref = dispatch_reference(x, ids, E)
     assert torch.equal(counts, counts_ref) and torch.equal(x_ND, rows_ref)
-    torch.testing.assert_close(d.combine(x_ND, state), K * x)
+    torch.testing.assert_close(d.combine(rows.scatter(x_ND), state), K * x)
 
 
 def test_dispatch_skips_empty_slots_and_weights_get_grads():
@@ -187,7 +193,7 @@ def test_dispatch_skips_empty_slots_and_weights_get_grads():
     rows, counts, state = d.dispatch(x, ids, w)
     x_ND = rows.gather()
     assert counts.tolist() == [1, 0, 2] and x_ND[:, 0].tolist() == [2.0, 0.0, 2.0]
-    out = d.combine(x_ND * 10, state)
+    out = d.combine(rows.scatter(x_ND * 10), state)
     torch.testing.assert_close(out, torch.tensor([[0.0, 5.0], [45.0, 67.5], [0.0, 0.0]]))
     out.sum().backward()
     assert w.grad.tolist() == [[10.0, 0.0], [50.0, 50.0], [0.0, 0.0]]
@@ -202,20 +208,20 @@ def test_dispatch_combine_gradcheck_with_empty_slots():
     w = torch.rand(4, 3, dtype=torch.float64, generator=g).masked_fill(ids < 0, 0).requires_grad_()
     m = torch.randn(8, 3, dtype=torch.float64, generator=g)  # row-wise nonlinearity stand-in
 
-    def moe(combine):
+    def moe(slots: bool):
         def f(x, w):
             rows, _counts, state = d.dispatch(x, ids, w)
+            if not slots:  # the generic gather / scatter-add forms (what all-to-all rows use)
+                rows = rows._replace(slots=None)
             x_ND = rows.gather()
-            return combine(torch.tanh(x_ND * m[: x_ND.shape[0]]), state)
+            return d.combine(rows.scatter(torch.tanh(x_ND * m[: x_ND.shape[0]])), state)
 
         return f
 
-    # combine picks the CPU form here; the GPU form must agree with it on the same rows
-    outs = [moe(c)(x, w) for c in (d.combine, combine_by_rows, combine_by_gather)]
-    torch.testing.assert_close(outs[0], outs[2])
-    torch.testing.assert_close(outs[1], outs[2])
-    for combine in (combine_by_rows, combine_by_gather):
-        assert torch.autograd.gradcheck(moe(combine), (x, w))
+    # the atomics-free forms (by the slot map, the GPU path) equal the scatter-add forms
+    torch.testing.assert_close(moe(True)(x, w), moe(False)(x, w))
+    for slots in (True, False):
+        assert torch.autograd.gradcheck(moe(slots), (x, w))
 
 
 def test_readme_snippet_full_size_on_meta_and_small_for_real():

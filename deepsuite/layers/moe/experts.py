@@ -61,64 +61,86 @@ def _empty_grad(w_L: Tensor, bounds: list[tuple[int, int, int]]) -> Tensor:
 class _LoopSwiGLU(torch.autograd.Function):
     """Grouped SwiGLU over contiguous slices, with a hand-written backward.
 
-    Input rows are ``x_MD[index_N]`` (a gather fused into the loop, so the N x D copy of the
-    tokens is never materialised nor saved; index_N None: the rows are x_MD itself). Everything
-    except the saved gate/up pre-activations is computed one expert slice at a time in scratch
-    buffers sized for the largest slice, so the backward holds g, u, dy, dx and the weight
-    gradients and no other N-row tensor (and a slice stays in cache between its elementwise
-    ops and its GEMMs).
+    Plain: rows x_MD (index_N None) -> per-row outputs y [N, D]. Fused (index_N given): rows
+    x_MD[index_N] -> z_MD [M, D], per source row the sum of weight_N[n] * y_n over its rows; the
+    gather and the weighted scatter happen slice by slice, so neither the N x D copy of the rows
+    nor the per-row outputs exist in full, forward or backward. Everything except the saved gate
+    and up pre-activations is computed one expert slice at a time in scratch buffers sized for
+    the largest slice: the backward holds g, u, the incoming gradient, dx and the weight
+    gradients, and the slice stays in cache between its elementwise ops and its GEMMs.
 
-    silu'(g) = s (1 + g (1 - s)), s = sigmoid(g).
+    With dz the gradient of z, per row n of source m: dy_n = w_n dz_m, and since y_n = a_n W_d^T,
+    dw_n = <dz_m, y_n> = <dz_m W_d, a_n> (no need to keep y). silu'(g) = s (1 + g (1 - s)),
+    s = sigmoid(g).
     """
 
     @staticmethod
-    def forward(ctx, x_MD, index_N, gate_LFD, up_LFD, down_LDF, splits):  # type: ignore[override]
+    def forward(ctx, x_MD, index_N, weight_N, gate_LFD, up_LFD, down_LDF, splits):  # type: ignore[override]
         bounds = _bounds(splits)
         N, D = sum(splits), x_MD.shape[1]
         Fh = gate_LFD.shape[1]
+        fused = index_N is not None
         g_NF = x_MD.new_empty(N, Fh)
         u_NF = x_MD.new_empty(N, Fh)
-        y_ND = x_MD.new_empty(N, D)
+        out = x_MD.new_zeros(x_MD.shape[0], D) if fused else x_MD.new_empty(N, D)
         rows = max((t - s for _, s, t in bounds), default=0)
         a_buf = x_MD.new_empty(rows, Fh)
-        x_buf = x_MD.new_empty(rows, D) if index_N is not None else None
+        x_buf = x_MD.new_empty(rows, D) if fused else None
+        y_buf = x_MD.new_empty(rows, D) if fused else None
         for e, s, t in bounds:
             x = _rows(x_MD, index_N, s, t, x_buf)
             g, u = g_NF[s:t], u_NF[s:t]
             torch.mm(x, gate_LFD[e].t(), out=g)
             torch.mm(x, up_LFD[e].t(), out=u)
             a = torch.ops.aten.silu.out(g, out=a_buf[: t - s]).mul_(u)
-            torch.mm(a, down_LDF[e].t(), out=y_ND[s:t])
+            if not fused:
+                torch.mm(a, down_LDF[e].t(), out=out[s:t])
+                continue
+            y = torch.mm(a, down_LDF[e].t(), out=y_buf[: t - s])
+            if weight_N is not None:
+                y.mul_(weight_N[s:t, None])
+            out.index_add_(0, index_N[s:t], y)
         ctx.bounds, ctx.rows = bounds, rows
         # a = silu(g) u is recomputed per slice in backward: one elementwise pass buys N x F
-        ctx.save_for_backward(x_MD, index_N, gate_LFD, up_LFD, down_LDF, g_NF, u_NF)
-        return y_ND
+        ctx.save_for_backward(x_MD, index_N, weight_N, gate_LFD, up_LFD, down_LDF, g_NF, u_NF)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dy_ND):  # type: ignore[override]
-        x_MD, index_N, gate_LFD, up_LFD, down_LDF, g_NF, u_NF = ctx.saved_tensors
+    def backward(ctx, d_out):  # type: ignore[override]
+        x_MD, index_N, w_N, gate_LFD, up_LFD, down_LDF, g_NF, u_NF = ctx.saved_tensors
         bounds, rows = ctx.bounds, ctx.rows
-        need_x, _, need_g, need_u, need_d = ctx.needs_input_grad[:5]
-        dy_ND = dy_ND.contiguous()
+        need_x, _, need_w, need_g, need_u, need_d = ctx.needs_input_grad[:6]
+        need_w = need_w and w_N is not None
+        d_out = d_out.contiguous()  # dy [N, D] (plain) or dz [M, D] (fused)
         fused = index_N is not None
-        Fh = g_NF.shape[1]
+        Fh, D = g_NF.shape[1], x_MD.shape[1]
         dx = None
-        if need_x:  # fused: each row's gradient is added into its token's row
+        if need_x:  # fused: each row's gradient is added into its source row
             dx = torch.zeros_like(x_MD) if fused else torch.empty_like(x_MD)
+        dw = torch.empty_like(w_N) if need_w else None
         d_gate = _empty_grad(gate_LFD, bounds) if need_g else None
         d_up = _empty_grad(up_LFD, bounds) if need_u else None
         d_down = _empty_grad(down_LDF, bounds) if need_d else None
-        s_buf = g_NF.new_empty(rows, Fh)
-        a_buf = g_NF.new_empty(rows, Fh)
-        x_buf = x_MD.new_empty(rows, x_MD.shape[1]) if fused and (need_g or need_u) else None
-        dx_buf = x_MD.new_empty(rows, x_MD.shape[1]) if fused and need_x else None
+        s_buf, a_buf, da_buf = (g_NF.new_empty(rows, Fh) for _ in range(3))
+        dy_buf = x_MD.new_empty(rows, D) if fused else None
+        x_buf = x_MD.new_empty(rows, D) if fused and (need_g or need_u) else None
+        dx_buf = x_MD.new_empty(rows, D) if fused and need_x else None
         for e, s, t in bounds:
-            n, g, u, dy = t - s, g_NF[s:t], u_NF[s:t], dy_ND[s:t]
+            n, g, u = t - s, g_NF[s:t], u_NF[s:t]
+            # dy = w dz[source row] (fused) or the incoming rows (plain)
+            dy = _rows(d_out, index_N, s, t, dy_buf) if fused else d_out[s:t]
             sg = torch.ops.aten.silu.out(g, out=s_buf[:n])
+            a = torch.mul(sg, u, out=a_buf[:n])
+            da = torch.mm(dy, down_LDF[e], out=da_buf[:n])  # before the weight: dz W_d
+            if need_w:  # row-wise <dz W_d, a> as n batched dot products: no n x F temporary
+                torch.bmm(da[:, None, :], a[:, :, None], out=dw[s:t].view(n, 1, 1))
+            if w_N is not None:
+                w = w_N[s:t, None]
+                dy.mul_(w)  # a scratch gather when fused: the incoming gradient is untouched
+                da.mul_(w)
             if need_d:
-                torch.mm(dy.t(), torch.mul(sg, u, out=a_buf[:n]), out=d_down[e])
-            da = torch.mm(dy, down_LDF[e], out=a_buf[:n])
+                torch.mm(dy.t(), a, out=d_down[e])
             du = sg.mul_(da)  # silu(g) * da, in silu(g)'s buffer
             # dg = (da * u) * silu'(g): aten's fused silu_backward (the kernel autograd uses),
             # written over da (elementwise, same positions)
@@ -137,7 +159,9 @@ class _LoopSwiGLU(torch.autograd.Function):
                     torch.mm(du.t(), x, out=d_up[e])
         if need_x and not bounds:
             dx.zero_()
-        return dx, None, d_gate, d_up, d_down, None
+        if need_w and not bounds:
+            dw.zero_()
+        return dx, None, dw, d_gate, d_up, d_down, None
 
 
 def _rows(x_MD: Tensor, index_N: Tensor | None, s: int, t: int, buf: Tensor | None) -> Tensor:
@@ -232,31 +256,30 @@ class GroupedExperts(nn.Module):
         return idx.shape[0]
 
     def forward(self, x: Tensor | ExpertRows, counts_L: Tensor | Sequence[int]) -> Tensor:
-        """Expert outputs [N, D] for rows sorted by local expert; counts_L [L] int64 (tensor or
-        list) rows per expert.
+        """Experts over rows sorted by local expert; counts_L [L] int64 (tensor or list) rows
+        per expert.
 
-        The rows are ``x`` itself ([N, D]) or, as dispatchers return them, ``ExpertRows``: the
-        gathered rows ``source[index_N]`` of a source [M, D] (e.g. the tokens, each repeated for
-        its K experts). The loop path fuses that gather: the N x D copy is neither built nor kept
-        for backward, and a token's row gradients are summed into its row of the source's grad.
-        The grouped_mm path gathers first (``ExpertRows.gather``).
+        ``x`` [N, D] (the rows themselves) -> per-row outputs [N, D]. ``x`` as dispatchers give
+        it, ``ExpertRows`` (rows source[index_N] of a source [M, D], with gate weights) -> per
+        source row the weighted sum of its rows' outputs [M, D] (``ExpertRows.scatter``). The
+        loop path fuses that gather and scatter, so the N x D rows and outputs are never built
+        nor kept for backward; the grouped_mm path gathers, computes and scatters.
         """
         n_rows = self._check(x)
-        dev = x.source.device if isinstance(x, ExpertRows) else x.device
-        if torch.is_autocast_enabled(dev.type):  # the Function's mm(out=) bypasses autocast
-            dtype = torch.get_autocast_dtype(dev.type)
-            x = x._replace(source=x.source.to(dtype)) if isinstance(x, ExpertRows) else x.to(dtype)
-        dtype = x.source.dtype if isinstance(x, ExpertRows) else x.dtype
+        rows = x if isinstance(x, ExpertRows) else None
+        src = rows.source if rows is not None else x
+        if torch.is_autocast_enabled(src.device.type):  # the Function's mm(out=) bypasses autocast
+            src = src.to(torch.get_autocast_dtype(src.device.type))
         grouped = self.use_grouped_mm
         if grouped is None:
             grouped = (
-                dev.type == "cuda"
-                and dtype in (torch.bfloat16, torch.float16)
+                src.is_cuda
+                and src.dtype in (torch.bfloat16, torch.float16)
                 and hasattr(torch, "_grouped_mm")
             )
         # under autocast x is already in the autocast dtype: the weights follow it (fp32 master
         # weights with bf16 compute), on both paths
-        w = [p.to(dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
+        w = [p.to(src.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
         if grouped:
             if not isinstance(counts_L, Tensor) or not counts_L.is_cuda:
                 # host-side counts are checked like the loop path's; device counts are not (a
@@ -266,12 +289,15 @@ class GroupedExperts(nn.Module):
                 raise ValueError(
                     f"counts_L must have {self.n_experts} entries, got {counts_L.numel()}"
                 )
-            x_ND = x.gather() if isinstance(x, ExpertRows) else x
-            return _grouped_swiglu(x_ND, *w, counts_L)
+            if rows is None:
+                return _grouped_swiglu(src, *w, counts_L)
+            rows = rows._replace(source=src)
+            return rows.scatter(_grouped_swiglu(rows.gather(), *w, counts_L))
         splits = _splits(counts_L, self.n_experts, n_rows)
-        if isinstance(x, ExpertRows):
-            return _LoopSwiGLU.apply(x.source.contiguous(), x.index_N, *w, splits)
-        return _LoopSwiGLU.apply(x.contiguous(), None, *w, splits)
+        if rows is None:
+            return _LoopSwiGLU.apply(src.contiguous(), None, None, *w, splits)
+        weight = None if rows.weight_N is None else rows.weight_N.to(src.dtype)
+        return _LoopSwiGLU.apply(src.contiguous(), rows.index_N, weight, *w, splits)
 
     def forward_reference(self, x: Tensor | ExpertRows, counts_L: Tensor | Sequence[int]) -> Tensor:
         """Obviously-correct per-expert autograd loop (the oracle for ``forward``)."""
@@ -282,7 +308,13 @@ class GroupedExperts(nn.Module):
         for e, xe in enumerate(torch.split(x_ND, splits)):
             h = F.silu(xe @ self.gate_proj[e].T) * (xe @ self.up_proj[e].T)
             outs.append(h @ self.down_proj[e].T)
-        return torch.cat(outs, dim=0)
+        y_ND = torch.cat(outs, dim=0)
+        if not isinstance(x, ExpertRows):
+            return y_ND
+        if x.weight_N is not None:
+            y_ND = y_ND * x.weight_N.to(y_ND.dtype)[:, None]
+        z = torch.zeros(x.source.shape[0], y_ND.shape[1], dtype=y_ND.dtype, device=y_ND.device)
+        return z.index_add(0, x.index_N, y_ND)
 
     def extra_repr(self) -> str:
         return f"n_experts={self.n_experts}, d_model={self.d_model}, d_hidden={self.d_hidden}"
