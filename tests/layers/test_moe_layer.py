@@ -140,6 +140,8 @@ def test_expert_rows_fused_equals_gather_compute_scatter(grouped, weighted):
         )
     with pytest.raises(ValueError, match="index_N must be a 1-D int64"):
         ex(ExpertRows(x, index.int()), counts)
+    with pytest.raises(ValueError, match=r"weight_N must be a \[9\] tensor"):
+        ex(ExpertRows(x, index, torch.ones(8, dtype=dtype)), counts)
     with pytest.raises(ValueError, match="counts_L"):
         ex(rows, [3, 0, 4, 0, 1])
 

@@ -7,7 +7,8 @@ contiguous slice of rows; there is no capacity and no padding (dropless).
 Paths (all equal to ``forward_reference``, a per-expert autograd loop, held by tests):
 - CPU / other: one autograd Function that loops over the slices with ``torch.mm(out=...)``
   into preallocated buffers (no cat/stack copies, no zero-filled slice gradients), with the
-  dispatcher's gather fused in (``ExpertRows``) and slice-sized scratch for the temporaries.
+  dispatcher's gather and the gate-weighted combine fused in (``ExpertRows``) and slice-sized
+  scratch for the temporaries.
 - CUDA bf16/fp16: ``torch._grouped_mm`` (one kernel per projection, no host sync).
 """
 
@@ -123,6 +124,7 @@ class _LoopSwiGLU(torch.autograd.Function):
         d_up = _empty_grad(up_LFD, bounds) if need_u else None
         d_down = _empty_grad(down_LDF, bounds) if need_d else None
         s_buf, a_buf, da_buf = (g_NF.new_empty(rows, Fh) for _ in range(3))
+        p_buf = g_NF.new_empty(rows, Fh) if need_w else None
         dy_buf = x_MD.new_empty(rows, D) if fused else None
         x_buf = x_MD.new_empty(rows, D) if fused and (need_g or need_u) else None
         dx_buf = x_MD.new_empty(rows, D) if fused and need_x else None
@@ -133,8 +135,8 @@ class _LoopSwiGLU(torch.autograd.Function):
             sg = torch.ops.aten.silu.out(g, out=s_buf[:n])
             a = torch.mul(sg, u, out=a_buf[:n])
             da = torch.mm(dy, down_LDF[e], out=da_buf[:n])  # before the weight: dz W_d
-            if need_w:  # row-wise <dz W_d, a> as n batched dot products: no n x F temporary
-                torch.bmm(da[:, None, :], a[:, :, None], out=dw[s:t].view(n, 1, 1))
+            if need_w:  # row-wise <dz W_d, a>
+                torch.sum(torch.mul(da, a, out=p_buf[:n]), dim=1, out=dw[s:t])
             if w_N is not None:
                 w = w_N[s:t, None]
                 dy.mul_(w)  # a scratch gather when fused: the incoming gradient is untouched
@@ -253,6 +255,12 @@ class GroupedExperts(nn.Module):
                 else type(idx).__name__
             )
             raise ValueError(f"index_N must be a 1-D int64 tensor on {src.device}, got {what}")
+        w = x.weight_N
+        if w is not None and (not isinstance(w, Tensor) or tuple(w.shape) != (idx.shape[0],)):
+            what = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
+            raise ValueError(
+                f"weight_N must be a [{idx.shape[0]}] tensor (one per row), got {what}"
+            )
         return idx.shape[0]
 
     def forward(self, x: Tensor | ExpertRows, counts_L: Tensor | Sequence[int]) -> Tensor:
