@@ -35,3 +35,10 @@ def test_moe_peers_prints_a_row_per_variant():
 def test_moe_layer_prints_the_reference_ratio():
     out = _run("benchmarks/moe_layer.py", *TINY, "--repeats", "1", "--device", "cpu")
     assert "loop ref" in out and "dense SwiGLU floor" in out, out
+
+
+def test_mfu_cpu_smoke_reports_both_modes():
+    """The GPU MFU script's documented CPU smoke: the MoE layer rows and the training step row."""
+    out = _run("benchmarks/mfu.py", "--device", "cpu", "--dtype", "fp32", "--tiny")
+    assert "ours (auto)" in out and "dense floor" in out, out
+    assert "MFU" in out, out
