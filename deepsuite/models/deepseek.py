@@ -242,9 +242,9 @@ class DeepSeekLM(nn.Module):
         emb_BSD = self.embed(input_ids)
         h_BSD = emb_BSD
         aux_losses: dict[str, Tensor] = {}
-        recompute = self.training and self.cfg.train.activation_checkpointing == "full"
+        ckpt = self.training and self.cfg.train.activation_checkpointing == "full"
         for i, layer in enumerate(self.layers):
-            if recompute and torch.is_grad_enabled():
+            if ckpt and torch.is_grad_enabled():
                 h_BSD = checkpoint(layer, h_BSD, attention_mask, position_ids, use_reentrant=False)
             else:
                 h_BSD = layer(h_BSD, attention_mask, position_ids)

@@ -158,8 +158,10 @@ class DeepSeekMoE(nn.Module):
         x_TD, n_seq = self._flatten(x)
         r = self.router(x_TD, k)  # route
         rows, counts_L, state = self.dispatcher.dispatch(x_TD, r.ids_TK, r.weights_TK)  # dispatch
-        y_ND = self.experts(rows, counts_L)  # compute (the gather fused in)
-        out_TD = self.dispatcher.combine(y_ND, state)  # combine
+        # compute: per source row, the gate-weighted sum of its experts' outputs (gather and
+        # weighting fused into the experts)
+        z = self.experts(rows, counts_L)
+        out_TD = self.dispatcher.combine(z, state)  # combine: bring the sums home
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
         self._record(r, n_seq)
