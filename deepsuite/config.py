@@ -268,6 +268,9 @@ class DataConfig:
     num_proc: int = 1
     seed: int = 0
     cache_dir: str = ""
+    # packed documents attend only within themselves and their positions restart at each one
+    # (Megatron's --reset-attention-mask --reset-position-ids); off: plain causal over the row
+    document_masking: bool = False
 
     def __post_init__(self) -> None:
         _positive("data", self, "seq_len", "bpe_vocab_size", "num_proc")

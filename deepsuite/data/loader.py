@@ -65,6 +65,26 @@ def make_batch(tok_BS1: np.ndarray, doc_BS1: np.ndarray) -> dict[str, torch.Tens
     }
 
 
+def model_inputs(
+    batch: dict[str, torch.Tensor], device: torch.device | str, document_masking: bool
+) -> dict[str, torch.Tensor]:
+    """A loader batch -> the model's keyword arguments on ``device``.
+
+    With ``document_masking`` each token attends only to earlier tokens of its own document (a
+    boolean (B, 1, S, S) mask, ANDed with causal by the attention) and its rotary position
+    counts from the start of that document; without it the row is one causal sequence.
+    """
+    out = {
+        "input_ids": batch["input_ids"].to(device),
+        "labels": batch["labels"].to(device),
+    }
+    if document_masking:
+        doc_BS = batch["doc_ids"].to(device)
+        out["attention_mask"] = (doc_BS[:, :, None] == doc_BS[:, None, :]).unsqueeze(1)
+        out["position_ids"] = batch["position_ids"].to(device)
+    return out
+
+
 class PackedLoader:
     """Iterable of micro-batches for ONE data-parallel rank (see the module docstring for the order).
 

@@ -118,9 +118,15 @@ class MTPModule(nn.Module):
         self.block = Block(cfg, moe=moe)
         self.norm = nn.RMSNorm(dim, eps=eps)
 
-    def forward(self, h_BSD: Tensor, emb_BSD: Tensor, position_ids: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        h_BSD: Tensor,
+        emb_BSD: Tensor,
+        position_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
         joined = torch.cat([self.hidden_norm(h_BSD), self.embed_norm(emb_BSD)], dim=-1)
-        return self.block(self.proj(joined), position_ids=position_ids)
+        return self.block(self.proj(joined), attention_mask, position_ids)
 
 
 @dataclass
@@ -265,7 +271,7 @@ class DeepSeekLM(nn.Module):
         total = lm_loss
         mtp_loss = None
         if len(self.mtp):
-            mtp_loss = self._mtp_loss(h_BSD, emb_BSD, labels, position_ids)
+            mtp_loss = self._mtp_loss(h_BSD, emb_BSD, labels, position_ids, attention_mask)
             total = total + self.cfg.model.mtp_loss_weight * mtp_loss
         aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
         moe_aux = torch.stack(aux).sum() if aux else None
@@ -283,7 +289,12 @@ class DeepSeekLM(nn.Module):
         )
 
     def _mtp_loss(
-        self, h_BSD: Tensor, emb_BSD: Tensor, labels: Tensor, position_ids: Tensor | None
+        self,
+        h_BSD: Tensor,
+        emb_BSD: Tensor,
+        labels: Tensor,
+        position_ids: Tensor | None,
+        attention_mask: Tensor | None,
     ) -> Tensor:
         """Mean over depths k of the cross-entropy for token t+k+1 (labels are already t+1)."""
         losses = []
@@ -293,7 +304,7 @@ class DeepSeekLM(nn.Module):
             # depth k sees the embedding of token t+k (the previous depth's target) and predicts t+k+1
             next_emb = self.embed(target.clamp_min(0))
             target = torch.cat([target[:, 1:], ignore], dim=1)
-            h_BSD = module(h_BSD, next_emb, position_ids)
+            h_BSD = module(h_BSD, next_emb, position_ids, attention_mask)
             logits = self.head(module.norm(h_BSD)).float()
             losses.append(
                 F.cross_entropy(

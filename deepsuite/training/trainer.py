@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from deepsuite.atomic import atomic_write_text
 from deepsuite.config import Config, load_config
+from deepsuite.data.loader import model_inputs
 from deepsuite.distributed.comm import guard_collectives
 from deepsuite.distributed.expert_parallel import (
     moe_layers,
@@ -142,10 +143,7 @@ class Trainer:
         for _ in range(self.p.grad_accum):
             batch = next(self.p.train_loader)
             t0 = time.perf_counter()
-            out = engine(
-                input_ids=batch["input_ids"].to(engine.device),
-                labels=batch["labels"].to(engine.device),
-            )
+            out = engine(**model_inputs(batch, engine.device, self.cfg.data.document_masking))
             t1 = time.perf_counter()
             engine.backward(out.loss)
             t2 = time.perf_counter()
@@ -228,10 +226,7 @@ class Trainer:
         for batch in loader:
             if n == self.cfg.train.eval_batches:
                 break
-            out = engine(
-                input_ids=batch["input_ids"].to(engine.device),
-                labels=batch["labels"].to(engine.device),
-            )
+            out = engine(**model_inputs(batch, engine.device, self.cfg.data.document_masking))
             loss_sum += out.lm_loss.float().cpu()
             for c, (_, m) in zip(counts, self.layers, strict=True):
                 c += m.last_stats.counts_E.cpu()

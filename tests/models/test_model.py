@@ -123,6 +123,29 @@ def test_moe_aux_losses_join_the_loss():
     torch.testing.assert_close(out.loss, out.lm_loss + out.moe_aux_loss)
 
 
+def test_document_masking_makes_a_packed_document_equal_to_itself_alone():
+    """With data.document_masking the trainer gives the model a same-document causal mask and
+    positions restarting per document: the logits of a document packed after another are then
+    those of the document on its own (MoE routing is per token), and differ without it."""
+    from deepsuite.data.loader import make_batch, model_inputs
+
+    model = small_model("model.mtp_depth=1").eval()
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(0, 64, (7,), generator=g), torch.randint(0, 64, (10,), generator=g)
+    row = torch.cat([a, b, torch.zeros(1, dtype=torch.int64)]).view(1, -1).numpy()
+    docs = torch.tensor([0] * 7 + [1] * 11).view(1, -1).numpy()
+    batch = make_batch(row, docs)
+    with torch.no_grad():
+        alone = model(b.view(1, -1)).logits[0]
+        masked = model(**model_inputs(batch, "cpu", document_masking=True)).logits[0, 7:]
+        plain = model(**model_inputs(batch, "cpu", document_masking=False)).logits[0, 7:]
+    torch.testing.assert_close(masked, alone, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(plain, alone, rtol=1e-3, atol=1e-3)
+    model.train()  # the MTP depth takes the mask too
+    out = model(**model_inputs(batch, "cpu", document_masking=True))
+    assert out.mtp_loss is not None and torch.isfinite(out.loss)
+
+
 def _saved_bytes(model: DeepSeekLM, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(loss, bytes of the distinct storages autograd saves outside checkpointed regions)."""
     seen: dict[int, int] = {}
