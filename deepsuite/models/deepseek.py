@@ -229,6 +229,17 @@ class DeepSeekLM(nn.Module):
                     m.reset_parameters()
         self.reset_parameters(seed)
 
+    def _run(self, block: nn.Module, *args: Tensor | None) -> Tensor:
+        """block(*args), under activation checkpointing when training with it on (the block's
+        activations are recomputed in backward, all-to-alls included)."""
+        if (
+            self.training
+            and self.cfg.train.activation_checkpointing == "full"
+            and torch.is_grad_enabled()
+        ):
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
     def moe_layers(self) -> list[DeepSeekMoE]:
         """Every DeepSeekMoE in the model (main blocks first, then MTP blocks), in a fixed order."""
         return [m for m in self.modules() if isinstance(m, DeepSeekMoE)]
@@ -248,12 +259,8 @@ class DeepSeekLM(nn.Module):
         emb_BSD = self.embed(input_ids)
         h_BSD = emb_BSD
         aux_losses: dict[str, Tensor] = {}
-        ckpt = self.training and self.cfg.train.activation_checkpointing == "full"
         for i, layer in enumerate(self.layers):
-            if ckpt and torch.is_grad_enabled():
-                h_BSD = checkpoint(layer, h_BSD, attention_mask, position_ids, use_reentrant=False)
-            else:
-                h_BSD = layer(h_BSD, attention_mask, position_ids)
+            h_BSD = self._run(layer, h_BSD, attention_mask, position_ids)
             if labels is not None:
                 for head_cfg in self._aux_at.get(i, ()):
                     head = self.aux_heads[head_cfg.name]
@@ -304,7 +311,7 @@ class DeepSeekLM(nn.Module):
             # depth k sees the embedding of token t+k (the previous depth's target) and predicts t+k+1
             next_emb = self.embed(target.clamp_min(0))
             target = torch.cat([target[:, 1:], ignore], dim=1)
-            h_BSD = module(h_BSD, next_emb, position_ids, attention_mask)
+            h_BSD = self._run(module, h_BSD, next_emb, position_ids, attention_mask)
             logits = self.head(module.norm(h_BSD)).float()
             losses.append(
                 F.cross_entropy(

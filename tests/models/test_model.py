@@ -167,7 +167,9 @@ def test_activation_checkpointing_same_loss_grads_and_counts_with_less_saved():
     ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
     runs = {}
     for mode in ("none", "full"):
-        model = small_model("moe.seq_aux_alpha=0.01", f"train.activation_checkpointing={mode}")
+        model = small_model(
+            "moe.seq_aux_alpha=0.01", "model.mtp_depth=1", f"train.activation_checkpointing={mode}"
+        )
         loss, saved = _saved_bytes(model, ids)
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         moe = model.moe_layers()
@@ -179,6 +181,7 @@ def test_activation_checkpointing_same_loss_grads_and_counts_with_less_saved():
         torch.testing.assert_close(g1[k], g0[k], msg=k)
     for a, b in zip(c0, c1, strict=True):
         assert torch.equal(a, b) and int(a.sum()) == 4 * 16 * 2  # T x top-k, counted once
+    assert len(c0) == 3  # two main MoE blocks and the MTP block's
     for a, b in zip(m0, m1, strict=True):
         assert torch.equal(a.last_stats.counts_E, b.last_stats.counts_E)
         assert b.aux_loss is not None and b.aux_loss.requires_grad
