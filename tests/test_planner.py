@@ -222,29 +222,21 @@ def test_nonsense_inputs_give_clear_errors(argv: list[str], needle: str, capsys)
 def test_layout_errors_name_the_setting() -> None:
     cfg = load_config("configs/tiny.yaml")
     with pytest.raises(ValueError, match="exceeds moe.n_routed_experts=16"):
-        make_plan(_with_ep(cfg, 32), 8, 4)
+        make_plan(_with_parallel(cfg, ep=32), 8, 4)
     with pytest.raises(ValueError, match="zero_stage"):
-        make_plan(_with_stage(cfg, 3), 1, 2)
+        make_plan(_with_parallel(cfg, zero_stage=3), 1, 2)
     with pytest.raises(TypeError, match="gpus_per_node: expected an int"):
         make_plan(cfg, 1, 2.5)  # type: ignore[arg-type]
 
 
-def _with_ep(cfg, ep: int):
-    import dataclasses
-
-    # bypass Config.validate (which would already refuse) to reach the planner's own check
-    p = dataclasses.replace(cfg.parallel)
-    object.__setattr__(p, "ep", ep)
-    c = dataclasses.replace(cfg)
-    object.__setattr__(c, "parallel", p)
-    return c
-
-
-def _with_stage(cfg, stage: int):
+def _with_parallel(cfg, **fields):
+    """cfg with parallel.<field> set, bypassing Config.validate (which would already refuse) to
+    reach the planner's own checks."""
     import dataclasses
 
     p = dataclasses.replace(cfg.parallel)
-    object.__setattr__(p, "zero_stage", stage)
+    for name, value in fields.items():
+        object.__setattr__(p, name, value)
     c = dataclasses.replace(cfg)
     object.__setattr__(c, "parallel", p)
     return c

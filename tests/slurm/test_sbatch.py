@@ -14,14 +14,17 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from deepsuite.training.checkpoint import verify_checkpoint
-from deepsuite.training.export import load_safetensors
 from deepsuite.training.metrics import read_metrics
 from tests.distributed.launch import CACHE, ROOT
 from tests.slurm.cluster import SlurmCluster
-from tests.training.runner import CHECKPOINTED_RUN, CHECKPOINTED_STEPS, losses
+from tests.training.runner import (
+    CHECKPOINTED_RUN,
+    CHECKPOINTED_STEPS,
+    assert_same_run,
+    losses,
+)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.distributed]
 
@@ -89,14 +92,7 @@ def test_preempted_job_requeues_and_resumes_to_the_same_model(
     # no step lost or trained twice: the jsonl (appended by both runs) has each step once
     steps = [r["step"] for r in read_metrics(run_dir) if "loss/train" in r]
     assert steps == list(range(1, STEPS + 1)), steps
-    ref, got = losses(reference), losses(run_dir)
-    for s in ref:
-        assert got[s] == pytest.approx(ref[s], rel=1e-6, abs=1e-6), (s, got[s], ref[s])
-    a = load_safetensors(reference / "final" / "model.safetensors")
-    b = load_safetensors(run_dir / "final" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert_same_run(run_dir, reference)
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
+from deepsuite.training.export import load_safetensors
 from deepsuite.training.metrics import read_metrics
 from tests.distributed.launch import free_port
 
@@ -142,3 +146,17 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss/train"] for r in metrics(run_dir) if "loss/train" in r}
+
+
+def assert_same_run(got: Path, ref: Path) -> None:
+    """A CHECKPOINTED_RUN job ``got`` (however launched, interrupted or resumed) ends where the
+    uninterrupted ``ref`` does: every step's loss once, and the same exported model."""
+    lr, lg = losses(ref), losses(got)
+    assert sorted(lg) == list(range(1, CHECKPOINTED_STEPS + 1))
+    for s in lr:
+        assert lg[s] == pytest.approx(lr[s], rel=1e-6, abs=1e-6), (s, lg[s], lr[s])
+    a = load_safetensors(ref / "final" / "model.safetensors")
+    b = load_safetensors(got / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)

@@ -18,13 +18,16 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
 
 from deepsuite.training.checkpoint import find_resumable, tag_for_step
-from deepsuite.training.export import load_safetensors
 from deepsuite.training.metrics import read_metrics
 from tests.distributed.launch import CACHE, ROOT, free_port
-from tests.training.runner import CHECKPOINTED_RUN, CHECKPOINTED_STEPS, losses
+from tests.training.runner import (
+    CHECKPOINTED_RUN,
+    CHECKPOINTED_STEPS,
+    assert_same_run,
+    losses,
+)
 from tests.training.runner import env as runner_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -56,18 +59,6 @@ def finish(proc: subprocess.Popen, run_dir: Path, timeout_s: float = 240.0) -> s
     out = Path(f"{run_dir}.log").read_text(errors="replace")
     assert rc == 0, f"torchrun exited {rc}:\n{out[-6000:]}"
     return out
-
-
-def assert_same_run(got: Path, ref: Path) -> None:
-    lr, lg = losses(ref), losses(got)
-    assert sorted(lg) == list(range(1, STEPS + 1))
-    for s in lr:
-        assert lg[s] == pytest.approx(lr[s], rel=1e-6, abs=1e-6), (s, lg[s], lr[s])
-    a = load_safetensors(ref / "final" / "model.safetensors")
-    b = load_safetensors(got / "final" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 @pytest.fixture(scope="module")
