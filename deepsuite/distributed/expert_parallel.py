@@ -1,13 +1,20 @@
 """Expert parallelism applied from outside the model: shard experts, swap the dispatcher, and make
-the DeepSpeed engine treat the shards as MoE parameters.
+the DeepSpeed engine treat the shards as expert parameters.
 
 Letters: E global routed experts, L = E / ep local experts, F expert hidden, D model dim.
 
 Per DeepSeekMoE layer on EP rank r: ``moe.experts`` becomes an ``ExpertShard`` holding a
 GroupedExperts with experts [r*L, (r+1)*L) of the (identically initialised) full set, and
-``moe.dispatcher`` an AllToAllDispatcher over the EP group. ExpertShard subclasses DeepSpeed's
-``MoE`` only as a marker (DeepSpeed switches on expert-data-parallel reduction, expert optimizer
-groups and per-expert checkpoint files for instances of it); it never runs DeepSpeed's MoE code.
+``moe.dispatcher`` an AllToAllDispatcher over the EP group. How DeepSpeed learns that the shard's
+parameters are experts depends on the ZeRO stage:
+
+* ZeRO 0-2: the shard is a ``DeepSpeedMoEShard``, which subclasses DeepSpeed's ``MoE`` only as a
+  marker (the engine switches on expert-data-parallel reduction, expert optimizer groups and
+  per-expert checkpoint files for instances of it); it never runs DeepSpeed's MoE code.
+* ZeRO 3: DeepSpeed 0.19 refuses its native ``MoE`` under stage 3, so the shard is a plain
+  ``ExpertShard`` and its parameters carry the placement attributes stage 3 reads for its own
+  AutoEP experts (``tag_expert_parameters``): each rank's local experts are partitioned over
+  their expert-data-parallel group, the dense model over the whole world.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.moe.layer import MoE as _DeepSpeedMoE
 from torch import Tensor, nn
+from torch.distributed import ProcessGroup
 
 from deepsuite.distributed.comm import all_gather_flat
 from deepsuite.distributed.dispatch import AllToAllDispatcher
@@ -30,6 +38,7 @@ from deepsuite.distributed.groups import (
 from deepsuite.layers.moe import DeepSeekMoE, ExpertRows, GroupedExperts
 
 __all__ = [
+    "DeepSpeedMoEShard",
     "ExpertShard",
     "apply_expert_parallel",
     "moe_layers",
@@ -42,43 +51,50 @@ __all__ = [
 # DeepSpeed finds per-expert checkpoint entries by this infix (engine._save_moe_checkpoint)
 _DS_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
 _WEIGHTS = ("gate_proj", "up_proj", "down_proj")
+# ZeRO-3 placement of expert parameters, the attributes DeepSpeed 0.19.8 reads for AutoEP experts
+# (private, pinned with deepspeed<0.20): partition_parameters.Init._convert_to_deepspeed_param
+# partitions a parameter over ``ds_zero_partition_process_group``; stage3
+# ._autoep_expert_parallel_group keys on the family "autoep_expert" and the group name to average
+# its gradients over the whole world (not the partition group) and to sum its grad norm over the
+# expert-parallel group.
+_ZERO3_EXPERT_FAMILY = "autoep_expert"
 
 
-class ExpertShard(_DeepSpeedMoE):
-    """This rank's slice of a layer's routed experts, marked as a DeepSpeed MoE module.
+class ExpertShard(nn.Module):
+    """This rank's slice of a layer's routed experts.
 
-    ``forward(x_ND, counts_L) -> y_ND`` is the wrapped GroupedExperts (``self.local``, L experts).
-    Its state dict holds one entry per local expert,
-    ``deepspeed_moe.experts.deepspeed_experts.<i>.{gate_proj,up_proj,down_proj}`` ([F, D] /
-    [D, F]), so DeepSpeed writes one checkpoint file per GLOBAL expert from every EP rank;
-    loading accepts the same keys and stacks them back.
+    ``forward(x_ND, counts_L) -> y_ND`` is the wrapped GroupedExperts (``self.local``, L experts);
+    its state-dict keys are ``local.{gate_proj,up_proj,down_proj}`` ([L, F, D] / [L, D, F]).
+    Used as is under ZeRO 3; :class:`DeepSpeedMoEShard` is the ZeRO 0-2 form.
+
+    Args:
+        local: the L local experts.
+        n_experts: E, the layer's global expert count.
+        ep_rank: this rank's index in the expert-parallel group (its experts start at ep_rank*L).
+        group_name: DeepSpeed's name of the EP x EDP groups, ``ep_size_<ep>``.
+        edp_group: the expert-data-parallel group holding the same experts (ZeRO 3 partitions
+            the local experts over it; None only for a shard that never meets an engine).
     """
 
-    def __init__(self, local: GroupedExperts, n_experts: int, ep_rank: int, group_name: str):
-        nn.Module.__init__(self)  # the marker: none of DeepSpeed's MoE construction
+    def __init__(
+        self,
+        local: GroupedExperts,
+        n_experts: int,
+        ep_rank: int,
+        group_name: str,
+        edp_group: ProcessGroup | None = None,
+    ):
+        nn.Module.__init__(self)  # not super(): the DeepSpeed MoE marker must not construct
         self.local = local
         self.num_experts = n_experts
         self.num_local_experts = local.n_experts
         self.ep_size = n_experts // local.n_experts
         self.ep_rank = ep_rank
         self.expert_group_name = group_name
-        self.use_residual = False
-        self.enable_expert_tensor_parallelism = False
-        self.register_state_dict_post_hook(_split_experts_hook)
-        self.register_load_state_dict_pre_hook(_stack_experts_hook)
+        self.edp_group = edp_group
 
     def forward(self, x: Tensor | ExpertRows, counts_L: Tensor | Sequence[int]) -> Tensor:  # type: ignore[override]
         return self.local(x, counts_L)
-
-    def set_deepspeed_parallelism(self, *args: Any, **kwargs: Any) -> None:
-        """Called by the engine: the groups must already exist (``setup_expert_parallel``)."""
-        from deepspeed.utils import groups
-
-        if self.expert_group_name not in groups._get_expert_parallel_group_dict():
-            raise RuntimeError(
-                f"ExpertShard: process groups '{self.expert_group_name}' do not exist; call "
-                f"setup_expert_parallel(ep={self.ep_size}, ...) before deepspeed.initialize"
-            )
 
     # read-only views so code that inspects moe.experts keeps working
     @property
@@ -103,6 +119,33 @@ class ExpertShard(_DeepSpeedMoE):
             f"{(self.ep_rank + 1) * self.num_local_experts}) of {self.num_experts}, "
             f"group={self.expert_group_name}"
         )
+
+
+class DeepSpeedMoEShard(ExpertShard, _DeepSpeedMoE):
+    """An ExpertShard marked as a DeepSpeed MoE module: the form for ZeRO 0-2.
+
+    Its state dict holds one entry per local expert,
+    ``deepspeed_moe.experts.deepspeed_experts.<i>.{gate_proj,up_proj,down_proj}`` ([F, D] /
+    [D, F]), so DeepSpeed writes one checkpoint file per GLOBAL expert from every EP rank;
+    loading accepts the same keys and stacks them back.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        ExpertShard.__init__(self, *args, **kwargs)
+        self.use_residual = False
+        self.enable_expert_tensor_parallelism = False
+        self.register_state_dict_post_hook(_split_experts_hook)
+        self.register_load_state_dict_pre_hook(_stack_experts_hook)
+
+    def set_deepspeed_parallelism(self, *args: Any, **kwargs: Any) -> None:
+        """Called by the engine: the groups must already exist (``setup_expert_parallel``)."""
+        from deepspeed.utils import groups
+
+        if self.expert_group_name not in groups._get_expert_parallel_group_dict():
+            raise RuntimeError(
+                f"ExpertShard: process groups '{self.expert_group_name}' do not exist; call "
+                f"setup_expert_parallel(ep={self.ep_size}, ...) before deepspeed.initialize"
+            )
 
 
 def _split_experts_hook(module: ExpertShard, state: dict, prefix: str, _meta: Any) -> None:
@@ -136,6 +179,7 @@ def apply_expert_parallel(
     model: nn.Module,
     groups: ExpertParallelGroups,
     *,
+    zero_stage: int = 0,
     check_replicated: bool = True,
     sync_timing: bool = False,
 ) -> list[str]:
@@ -143,13 +187,16 @@ def apply_expert_parallel(
 
     Every rank must have built the model identically (same seed); with ``check_replicated`` a
     fingerprint of the full expert weights is compared over the world first (one all-gather) and
-    a mismatch raises on every rank. Expert parameters are tagged ``allreduce=False`` and
-    ``group_name=groups.group_name`` so DeepSpeed reduces their gradients over the
-    expert-data-parallel group only.
+    a mismatch raises on every rank. Expert parameters are tagged (``tag_expert_parameters``) so
+    DeepSpeed reduces their gradients over the expert-data-parallel group only. ``zero_stage``
+    is the stage the engine will run: 3 makes plain ``ExpertShard``s (partitioned over the
+    expert-data-parallel group), 0-2 ``DeepSpeedMoEShard``s.
 
     Returns:
         The names of the converted layers.
     """
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage: expected 0, 1, 2 or 3, got {zero_stage!r}")
     layers = moe_layers(model)
     if not layers:
         raise ValueError("model: expected at least one DeepSeekMoE layer to shard")
@@ -171,25 +218,43 @@ def apply_expert_parallel(
         L = E // groups.ep_size
         lo = groups.ep_rank * L
         local = moe.experts.slice_experts(lo, lo + L)
-        moe.experts = ExpertShard(local, E, groups.ep_rank, groups.group_name)
+        shard = ExpertShard if zero_stage == 3 else DeepSpeedMoEShard
+        moe.experts = shard(local, E, groups.ep_rank, groups.group_name, groups.edp_group)
         moe.dispatcher = AllToAllDispatcher(E, groups.ep_group, sync_timing=sync_timing)
     tag_expert_parameters(model)
     return [n for n, _ in layers]
 
 
 def tag_expert_parameters(model: nn.Module) -> int:
-    """Mark every ExpertShard's parameters ``allreduce=False``, ``group_name=<its EP group>``.
+    """Mark every ExpertShard's parameters as experts of its EP group, for every ZeRO stage.
 
-    Call again after anything that replaces Parameter objects (``to_empty`` from the meta device
-    does): untagged expert shards would be averaged over the whole world. Returns the count.
+    ZeRO 0-2 read ``allreduce=False`` and ``group_name=<ep_size_N>`` (reduce over the
+    expert-data-parallel group). ZeRO 3 also reads ``ds_zero_partition_process_group`` (the
+    group to partition over: expert-data-parallel), ``ds_zero_partition_group_name`` and
+    ``ds_zero_placement_family`` (average over the world like ZeRO 0-2, sum the grad norm over
+    the EP group); without the family, stage 3 would average expert gradients over the
+    partition group, a wrong scale. Call again after anything that replaces Parameter objects
+    (``to_empty`` from the meta device does). Returns the count.
     """
     n = 0
-    for _, moe in moe_layers(model):
-        if isinstance(moe.experts, ExpertShard):
-            for p in moe.experts.parameters():
-                p.allreduce = False
-                p.group_name = moe.experts.expert_group_name
-                n += 1
+    for name, moe in moe_layers(model):
+        shard = moe.experts
+        if not isinstance(shard, ExpertShard):
+            continue
+        zero3 = not isinstance(shard, DeepSpeedMoEShard)
+        if zero3 and shard.edp_group is None:
+            raise ValueError(
+                f"{name}.experts: a ZeRO-3 ExpertShard needs its expert-data-parallel group "
+                "(build it with apply_expert_parallel)"
+            )
+        for p in shard.parameters():
+            p.allreduce = False
+            p.group_name = shard.expert_group_name
+            if zero3:
+                p.ds_zero_placement_family = _ZERO3_EXPERT_FAMILY
+                p.ds_zero_partition_group_name = shard.expert_group_name
+                p.ds_zero_partition_process_group = shard.edp_group
+            n += 1
     return n
 
 

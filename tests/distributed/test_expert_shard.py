@@ -1,4 +1,4 @@
-"""ExpertShard state-dict keys and MoE optimizer groups (single process, no collectives)."""
+"""DeepSpeedMoEShard state-dict keys and MoE optimizer groups (single process, no collectives)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from deepsuite.distributed.expert_parallel import ExpertShard, moe_param_groups
+from deepsuite.distributed.expert_parallel import DeepSpeedMoEShard, moe_param_groups
 from deepsuite.layers.moe import DeepSeekMoE, GroupedExperts
 
 
 def test_state_dict_has_one_deepspeed_entry_per_local_expert_and_round_trips() -> None:
     full = GroupedExperts(6, 4, 5)
-    shard = ExpertShard(full.slice_experts(3, 6), 6, 1, "ep_size_2")
+    shard = DeepSpeedMoEShard(full.slice_experts(3, 6), 6, 1, "ep_size_2")
     sd = shard.state_dict()
     assert set(sd) == {
         f"deepspeed_moe.experts.deepspeed_experts.{i}.{w}"
@@ -21,7 +21,7 @@ def test_state_dict_has_one_deepspeed_entry_per_local_expert_and_round_trips() -
         for w in ("gate_proj", "up_proj", "down_proj")
     }
     assert torch.equal(sd["deepspeed_moe.experts.deepspeed_experts.2.down_proj"], full.down_proj[5])
-    other = ExpertShard(GroupedExperts(3, 4, 5), 6, 1, "ep_size_2")
+    other = DeepSpeedMoEShard(GroupedExperts(3, 4, 5), 6, 1, "ep_size_2")
     other.load_state_dict(sd)
     for w in ("gate_proj", "up_proj", "down_proj"):
         assert torch.equal(getattr(other, w), getattr(full, w)[3:6])
