@@ -21,7 +21,8 @@ Two ways to use it:
 
 Adam moments are carried for ZeRO 0, 1 and 2 (fp32 master weights, exp_avg, exp_avg_sq, step),
 and the LR schedule position, engine step counters, balancing bias (a dense buffer), data position
-and trainer_state are kept. ZeRO 3 is not supported by the MoE engine at all.
+and trainer_state are kept. A ZeRO-3 checkpoint resumes natively at its own layout; reading or
+writing a ZeRO-3 layout here is refused with a message (not yet supported).
 """
 
 from __future__ import annotations
@@ -97,13 +98,33 @@ def saved_layout(tag_dir: Path) -> dict[str, int]:
     if not state_file.is_file():
         raise ValueError(f"checkpoint: {state_file} not found (not a deepsuite checkpoint tag)")
     state = json.loads(state_file.read_text())
-    dense = _load(tag_dir / "mp_rank_00_model_states.pt")
+    # ZeRO 0-2: one dense file; ZeRO 3: one per rank (module placeholders, the same ds_config)
+    dense_file = tag_dir / "mp_rank_00_model_states.pt"
+    if not dense_file.is_file():
+        dense_file = tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    dense = _load(dense_file)
     zero = int(dense.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
     return {
         "world": int(state["world_size"]),
         "ep": int(state["config"]["parallel"]["ep"]),
         "zero": zero,
     }
+
+
+def _refuse_zero3(
+    tag_dir: Path, saved: dict[str, int], here: dict[str, int] | None = None, key: str = "src"
+) -> None:
+    """A ZeRO-3 checkpoint (or target) keeps its weights only in per-rank partitions, which this
+    module does not read or write yet: say so, naming the layouts, before anything is loaded."""
+    from deepsuite.config import ConfigError
+
+    if saved["zero"] == 3 or (here is not None and here["zero"] == 3):
+        target = f"; this run is {here}" if here is not None else ""
+        raise ConfigError(
+            f"{key}: checkpoint {tag_dir} was saved at {saved}{target}: changing the layout "
+            "to or from ZeRO 3 (parallel.zero_stage / zero_optimization.stage) is not supported "
+            "yet; resume with the saved world size, parallel.ep and ZeRO stage"
+        )
 
 
 def _cat_fragments(pieces: list[tuple[int, Tensor]]) -> Tensor:
@@ -214,6 +235,7 @@ def read_full_state(tag_dir: str | Path) -> FullState:
 
     tag_dir = Path(tag_dir)
     layout = saved_layout(tag_dir)
+    _refuse_zero3(tag_dir, layout)
     world, ep = layout["world"], layout["ep"]
     cfg = config_from_dict(json.loads((tag_dir / "trainer_state.json").read_text())["config"])
     dense = _load(tag_dir / "mp_rank_00_model_states.pt")
@@ -359,8 +381,9 @@ def load_any_layout(engine: Any, model: torch.nn.Module, ckpt_dir: str | Path, t
         "zero": int(engine.zero_optimization_stage()),
     }
     if saved == here:
-        engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        engine.load_checkpoint(str(ckpt_dir), tag=tag)  # strict
         return False
+    _refuse_zero3(tag_dir, saved, here, key="train.resume")
     if (dist.get_rank() if dist.is_initialized() else 0) == 0:
         print(f"resharding {tag_dir}: saved at {saved}, loading at {here}", flush=True)
     load_full_state(engine, model, read_full_state(tag_dir))
@@ -461,6 +484,7 @@ def reshard_checkpoint(
     reason = ckpt.verify_checkpoint(src)
     if reason is not None:
         raise ValueError(f"src: {src} is not a complete checkpoint: {reason}")
+    _refuse_zero3(src, saved_layout(src))
     world = ep if world is None else world
     trainer_state = ckpt.read_trainer_state(src)
     cfg = config_from_dict(trainer_state["config"])

@@ -8,7 +8,6 @@ message on every rank before any collective could hang.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,11 @@ from deepsuite.distributed.groups import setup_expert_parallel, validate_expert_
 from deepsuite.distributed.topology import resolve_group_limit
 from deepsuite.models import DeepSeekLM
 from deepsuite.training.checkpoint import make_safe_checkpoint_engine
+from deepsuite.training.deepspeed_json import (
+    read_deepspeed_json,
+    resolved_zero_stage,
+    validate_deepspeed_json,
+)
 from deepsuite.training.schedule import lr_factor
 
 
@@ -58,14 +62,12 @@ def validate_before_launch(cfg: Config, env: DistEnv) -> None:
     )
     if cfg.model.n_dense_layers < cfg.model.n_layers:
         validate_expert_parallel(cfg.moe.n_routed_experts, env.world_size, cfg.parallel.ep)
-    ds_path = Path(cfg.parallel.deepspeed_config)
-    if not ds_path.is_file():
-        raise ValueError(f"parallel.deepspeed_config: file not found: {ds_path}")
+    validate_deepspeed_json(cfg)
 
 
 def deepspeed_config(cfg: Config, grad_accum: int) -> dict[str, Any]:
     """The DeepSpeed JSON under configs/ with the batch, clipping and precision of ``cfg``."""
-    ds = json.loads(Path(cfg.parallel.deepspeed_config).read_text())
+    ds = read_deepspeed_json(cfg.parallel.deepspeed_config)
     ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
     ds["gradient_accumulation_steps"] = grad_accum
     ds["train_batch_size"] = cfg.train.global_batch_size
@@ -128,7 +130,9 @@ def build_run(cfg: Config) -> RunParts:
         model = DeepSeekLM(cfg)
     if cfg.parallel.ep > 1:
         groups = setup_expert_parallel(cfg.parallel.ep, cfg.moe.n_routed_experts)
-        apply_expert_parallel(model, groups, check_replicated=False)  # nothing to compare yet
+        apply_expert_parallel(  # nothing to compare yet: check_replicated=False
+            model, groups, zero_stage=resolved_zero_stage(cfg), check_replicated=False
+        )
     model.materialize("cpu", seed=cfg.train.seed)
     tag_expert_parameters(model)  # to_empty made new Parameter objects: tag them again
 

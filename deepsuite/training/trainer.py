@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from deepsuite.atomic import atomic_write_text
-from deepsuite.config import Config, load_config
+from deepsuite.config import Config, ConfigError, load_config
 from deepsuite.data.loader import model_inputs
 from deepsuite.distributed.comm import guard_collectives
 from deepsuite.distributed.expert_parallel import (
@@ -384,8 +384,13 @@ def train(cfg: Config) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     config, overrides = parse_args(argv)
-    cfg = load_config(config, overrides)
-    train(cfg)
+    try:  # config errors are raised on every rank alike (before any collective, or on resume
+        train(load_config(config, overrides))  # at a layout it cannot load): one line each
+    except ConfigError as err:
+        print(f"deepsuite train: {err}", file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return 2
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
