@@ -59,6 +59,21 @@ def test_zero3_two_ranks_equal_one_process(runs):
             assert b[key].dtype == torch.float32 and b[key].abs().sum() > 0
 
 
+def test_zero3_run_converts_to_hugging_face(runs, tmp_path):
+    from safetensors.torch import load_file
+
+    from deepsuite.models.hf import hf_main
+
+    for name in ("one", "zero3"):
+        assert hf_main(["to-hf", str(runs / name), str(tmp_path / name)]) == 0
+    a = load_file(str(tmp_path / "one" / "model.safetensors"))
+    b = load_file(str(tmp_path / "zero3" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert "model.layers.1.mlp.experts.7.gate_proj.weight" in b
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
 def test_zero3_resume_is_bit_identical(runs, tmp_path):
     run_dir = tmp_path / "resumed"
     run_train(run_dir, [*COMMON, *EP2_ZERO3, *CKPT, "train.stop_at_step=2"], nproc=2)
