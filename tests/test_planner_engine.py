@@ -3,9 +3,9 @@
 Memory: every ZeRO stage 0-3, fp32 and bf16, at EP 2 on 2 ranks (expert-data-parallel groups of
 one) and on 4 ranks (EDP 2: ZeRO 3 partitions the experts), plus EP 1 and EP 4: the live tensor
 bytes of each rank, replayed from the allocator's events (tests/distributed/memory.py), equal
-``model_state_bytes`` within 6% when backward has finished, at the peak INSIDE the optimizer
-step and after it (in practice within 1%, ZeRO 3's step within 5%); the forward/backward peak,
-which adds the activation estimate, within 25%. The engines get a torch AdamW with foreach on,
+``model_state_bytes`` within 5% + 1 MB when backward has finished, at the peak INSIDE the
+optimizer step and after it (in practice within 1%, ZeRO 3's step within 5%); the
+forward/backward peak, which adds the activation estimate, within 25%. The engines get a torch AdamW with foreach on,
 as it is by default on GPUs, and small reduction buckets so the buffers are measured too.
 All-to-all: the dispatcher's own byte count equals ``dispatcher_bytes`` of the routing it was
 given, exactly, per rank and layer; and once the bias has balanced the load, it is within 10% of
@@ -185,8 +185,11 @@ def _check_memory(results: list[dict], world: int) -> None:
                 ("peak_step", plan.peak_step, 0),
                 ("after_step", between_steps, 0),
             ):
-                assert -0.06 * want <= got[key] - want <= 0.06 * want + slack, f"{key}: {tag}"
-            want = plan.peak_backward + act
+                # plus up to 1 MB the communication layer may still hold (gloo's buffers of
+                # the last collectives, ZeRO 3's last gathers: seen up to 0.9 and 1.6 MB)
+                bound = 0.05 * want + 1_000_000
+                assert -bound <= got[key] - want <= bound + slack, f"{key}: {tag}"
+            want = plan.peak_backward(act)
             assert abs(got["peak_backward"] - want) <= 0.25 * want, f"peak_backward: {tag}"
 
 

@@ -20,7 +20,8 @@ stage  prec.  weights                grads     optimizer              the step a
 
 - ZeRO 0 bf16 is DeepSpeed's DDP_BFLOAT16 wrapper: an fp32 master per parameter, unpartitioned;
   its step casts every gradient to fp32 (4H) before AdamW.
-- ZeRO 1/2 reduce gradients into the rank's partition during backward (stage 1 as stage 2), in
+- ZeRO 1/2 reduce gradients into the rank's partition (ZeRO 2 during backward, ZeRO 1 when it
+  ends, so every full gradient is alive at that moment unless overlap_comm is on), in
   a buffer sized as the WHOLE of every parameter that touches the partition ("gbuf",
   ``zero_grad_buffer`` replays DeepSpeed's flattening). The step takes one flat group at a time:
   it flattens the group's gradient partition (b x part), casts it to fp32 (4 x part, a copy in
@@ -36,7 +37,8 @@ stage  prec.  weights                grads     optimizer              the step a
   sub-group), and gathers them again module by module (one module's copy in flight). In forward and backward it all-gathers the parameters of
   the blocks in flight.
 - Backward: ZeRO 0 flattens the larger of the dense and expert gradients to all-reduce them;
-  ZeRO 1/2 fill a ``reduce_bucket_size`` bucket (two with overlap_comm).
+  ZeRO 1/2 fill a ``reduce_bucket_size`` bucket (two with overlap_comm), ZeRO 1 beside the
+  full gradients.
 AdamW's temporaries are those of its foreach implementation (the default on GPUs): one tensor the
 size of each parameter group at a time.
 """
@@ -56,8 +58,8 @@ class ModelStates:
     """Bytes of the model states and DeepSpeed's own buffers on one rank.
 
     ``total`` (weights + grads + optimizer + held buffers) is what the rank holds when backward
-    has finished; ``peak_step`` adds the optimizer step's temporaries; ``peak_backward`` adds,
-    to be summed with the activations, what forward/backward hold on top.
+    has finished; ``peak_step`` adds the optimizer step's temporaries; ``peak_backward`` is the
+    forward/backward peak for a given activation size.
     """
 
     weights: int  # parameters between steps (ZeRO 3: partitions + persistent parameters)
@@ -65,8 +67,10 @@ class ModelStates:
     optimizer: int  # fp32 master copy (when separate) + Adam moments
     buffers: int = 0  # held all the time (ZeRO 3's reduction bucket)
     step_temp: int = 0  # added at the peak inside the optimizer step
-    backward_temp: int = 0  # added during backward (reduction bucket / flatten)
+    backward_temp: int = 0  # the reduction bucket / ZeRO 0's flatten, during backward
+    backward_grads: int = 0  # ZeRO 1: the full gradients alive when backward ends
     gathered: int = 0  # ZeRO 3: full parameters (and gradients) of the blocks in flight
+    grads_held: bool = False  # ZeRO 3: the gradient partition exists all the time
 
     @property
     def total(self) -> int:
@@ -76,10 +80,13 @@ class ModelStates:
     def peak_step(self) -> int:
         return self.total + self.step_temp
 
-    @property
-    def peak_backward(self) -> int:
-        """Without activations (see ``Plan.memory_total``)."""
-        return self.total + self.backward_temp + self.gathered
+    def peak_backward(self, activations: int) -> int:
+        """Forward/backward: backward starts with every activation and no gradient and ends
+        the other way round, so the larger end counts (both, where gradients are held)."""
+        base = self.weights + self.optimizer + self.buffers + self.gathered + self.backward_temp
+        if self.grads_held:
+            return base + self.grads + activations
+        return base + max(activations, self.grads + self.backward_grads)
 
 
 @dataclass(frozen=True)
@@ -253,6 +260,9 @@ def model_state_bytes(cfg: Config, lay: Layout, rank: int | None = None) -> Mode
         gbufs = zero_grad_buffer(groups, lay)
         gbuf = max(gbufs) if rank is None else gbufs[rank]
         bucket = b * z.reduce_bucket_size * (2 if z.overlap_comm else 1)
+        # ZeRO 1 without overlap_comm reduces only when backward ends: every full gradient is
+        # alive then (stage_1_and_2's reduce hook runs for partition_gradients or overlap_comm)
+        full_grads = b * held if lay.zero_stage == 1 and not z.overlap_comm else 0
         return ModelStates(
             b * held,
             b * gbuf,
@@ -262,6 +272,7 @@ def model_state_bytes(cfg: Config, lay: Layout, rank: int | None = None) -> Mode
                 for part, (expert, _) in zip(parts, groups, strict=True)
             ),
             backward_temp=bucket if z.contiguous_gradients else 0,
+            backward_grads=full_grads,
         )
     z3 = zero3_partition(cfg, lay)
     part = z3["partition"]
@@ -277,6 +288,7 @@ def model_state_bytes(cfg: Config, lay: Layout, rank: int | None = None) -> Mode
         # module at a time (its gathered copy in flight beside them)
         step_temp=max(8 * z3["sub_group"] - b * z3["persistent"], b * z3["persistent_module"]),
         gathered=gathered,
+        grads_held=True,
     )
 
 

@@ -74,7 +74,7 @@ class Plan:
 def peak_memory(states: ModelStates, acts: ActivationEstimate) -> int:
     """The higher of a rank's two peaks: inside the optimizer step, and in forward/backward
     (activations, the reduction bucket, ZeRO 3's gathered parameters)."""
-    return max(states.peak_step, states.peak_backward + acts.total)
+    return max(states.peak_step, states.peak_backward(acts.total))
 
 
 def resolve_vocab(cfg: Config, vocab_size: int | None = None) -> int:

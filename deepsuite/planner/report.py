@@ -66,7 +66,7 @@ def format_plan(p: Plan) -> str:
         ),
         f"  activations         {_b(p.activations.total)}  (estimate, one micro-batch)",
         f"  peaks               {_b(st.peak_step)} inside the optimizer step, "
-        f"{_b(st.peak_backward + p.activations.total)} in forward/backward",
+        f"{_b(st.peak_backward(p.activations.total))} in forward/backward",
         f"  total               {_b(p.memory_total)} of {_b(p.memory_budget)} usable "
         f"({hw.hbm_bytes / 1e9:.0f} GB less {RESERVE:.0%} reserve)",
         f"  MLA KV cache        {_b(p.kv_cache[0])} per micro-batch at inference "
