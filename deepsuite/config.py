@@ -234,6 +234,51 @@ class MoEConfig:
         )
 
 
+def expert_parallel_sizes(n_routed_experts: int, world_size: int | None = None) -> list[int]:
+    """The expert-parallel sizes that split ``n_routed_experts`` (and ``world_size``) evenly."""
+    top = n_routed_experts if world_size is None else min(n_routed_experts, world_size)
+    return [
+        d
+        for d in range(1, top + 1)
+        if n_routed_experts % d == 0 and (world_size is None or world_size % d == 0)
+    ]
+
+
+def validate_expert_parallel(n_routed_experts: int, world_size: int | None, ep: int) -> None:
+    """The expert-parallel rule, the one place it is written: each of the ``ep`` ranks of an EP
+    group holds ``n_routed_experts / ep`` whole experts, and the world is whole EP groups.
+
+    ``world_size=None`` checks the experts only (the config alone, before a launch). Pure: it runs
+    before any collective, so every rank fails the same way at once. Raises :class:`ConfigError`
+    (a ValueError) naming ``parallel.ep`` and the sizes that would work.
+    """
+    sizes = (("n_routed_experts", n_routed_experts), ("world_size", world_size or 1))
+    for name, value in sizes:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name}: expected a positive int, got {value!r}")
+    if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:
+        raise ConfigError(f"parallel.ep: expected a positive int, got {ep!r}")
+    E = n_routed_experts
+    if ep > E:
+        raise ConfigError(
+            f"parallel.ep={ep} exceeds moe.n_routed_experts={E}: every expert-parallel rank "
+            f"needs at least one expert; use ep <= {E}"
+        )
+    ok = expert_parallel_sizes(E, world_size)
+    if E % ep:
+        raise ConfigError(
+            f"parallel.ep: expected a divisor of moe.n_routed_experts ({E}), got {ep}: "
+            f"moe.n_routed_experts={E} is not divisible by parallel.ep={ep}; choose ep from "
+            f"{ok} or make moe.n_routed_experts a multiple of {ep}"
+        )
+    if world_size is not None and world_size % ep:
+        raise ConfigError(
+            f"parallel.ep: expected a divisor of the world size ({world_size}), got {ep}: "
+            f"world size {world_size} is not divisible by parallel.ep={ep}; launch a multiple "
+            f"of {ep} ranks or choose ep from {ok}"
+        )
+
+
 @dataclass
 class ParallelConfig:
     """Expert parallelism and the DeepSpeed engine settings."""
@@ -406,12 +451,7 @@ class Config:
             "1 when every layer is dense (model.n_dense_layers == model.n_layers)",
             self.parallel.ep,
         )
-        _check(
-            self.moe.n_routed_experts % self.parallel.ep == 0,
-            "parallel.ep",
-            f"a divisor of moe.n_routed_experts ({self.moe.n_routed_experts})",
-            self.parallel.ep,
-        )
+        validate_expert_parallel(self.moe.n_routed_experts, None, self.parallel.ep)
         _check(
             self.train.global_batch_size % self.train.micro_batch_size == 0,
             "train.global_batch_size",
@@ -429,13 +469,7 @@ class Config:
             f"{world_size} = {per_step}); change the batch sizes or the number of ranks",
             self.train.global_batch_size,
         )
-        _check(
-            world_size % self.parallel.ep == 0,
-            "parallel.ep",
-            f"a divisor of the world size ({world_size}); launch a multiple of {self.parallel.ep} "
-            "ranks or lower parallel.ep",
-            self.parallel.ep,
-        )
+        validate_expert_parallel(self.moe.n_routed_experts, world_size, self.parallel.ep)
 
     def grad_accumulation_steps(self, world_size: int) -> int:
         return self.train.global_batch_size // (self.train.micro_batch_size * world_size)

@@ -19,6 +19,7 @@ The expert_parallel names import DeepSpeed and the MoE layer, so they load on fi
 
 from typing import Any
 
+from deepsuite.config import validate_expert_parallel
 from deepsuite.distributed.comm import CollectiveTimeoutError, all_to_all_rows, guard_collectives
 from deepsuite.distributed.dispatch import AllToAllDispatcher, CommStats
 from deepsuite.distributed.env import DistEnv, detect_env, init_distributed
@@ -26,7 +27,6 @@ from deepsuite.distributed.groups import (
     ExpertParallelGroups,
     check_same_config,
     setup_expert_parallel,
-    validate_expert_parallel,
 )
 
 _LAZY = {

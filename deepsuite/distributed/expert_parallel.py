@@ -20,13 +20,10 @@ import torch.distributed as dist
 from deepspeed.moe.layer import MoE as _DeepSpeedMoE
 from torch import Tensor, nn
 
+from deepsuite.config import validate_expert_parallel
 from deepsuite.distributed.comm import all_gather_flat
 from deepsuite.distributed.dispatch import AllToAllDispatcher
-from deepsuite.distributed.groups import (
-    ExpertParallelGroups,
-    check_same_config,
-    validate_expert_parallel,
-)
+from deepsuite.distributed.groups import ExpertParallelGroups, check_same_config
 from deepsuite.layers.moe import DeepSeekMoE, ExpertRows, GroupedExperts
 
 __all__ = [

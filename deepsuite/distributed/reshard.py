@@ -448,8 +448,7 @@ def reshard_checkpoint(
 
     import torch.multiprocessing as mp
 
-    from deepsuite.config import config_from_dict
-    from deepsuite.distributed.groups import validate_expert_parallel
+    from deepsuite.config import config_from_dict, validate_expert_parallel
     from deepsuite.training import checkpoint as ckpt
 
     src, dst = Path(src), Path(dst)

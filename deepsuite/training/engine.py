@@ -24,7 +24,7 @@ from deepsuite.distributed.expert_parallel import (
     moe_param_groups,
     tag_expert_parameters,
 )
-from deepsuite.distributed.groups import setup_expert_parallel, validate_expert_parallel
+from deepsuite.distributed.groups import setup_expert_parallel
 from deepsuite.distributed.topology import resolve_group_limit
 from deepsuite.models import DeepSeekLM
 from deepsuite.training.checkpoint import make_safe_checkpoint_engine
@@ -48,7 +48,7 @@ class RunParts:
 
 def validate_before_launch(cfg: Config, env: DistEnv) -> None:
     """Every check that needs no collective; raises ValueError/ConfigError naming the field."""
-    cfg.check_world(env.world_size)
+    cfg.check_world(env.world_size)  # the batch split and the expert-parallel rule
     validate_data_config(
         cfg.data,
         model_max_seq_len=cfg.model.max_seq_len,
@@ -56,8 +56,6 @@ def validate_before_launch(cfg: Config, env: DistEnv) -> None:
         micro_batch_size=cfg.train.micro_batch_size,
         global_batch_size=cfg.train.global_batch_size,
     )
-    if cfg.model.n_dense_layers < cfg.model.n_layers:
-        validate_expert_parallel(cfg.moe.n_routed_experts, env.world_size, cfg.parallel.ep)
     ds_path = Path(cfg.parallel.deepspeed_config)
     if not ds_path.is_file():
         raise ValueError(f"parallel.deepspeed_config: file not found: {ds_path}")
