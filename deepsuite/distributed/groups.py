@@ -53,7 +53,9 @@ def setup_expert_parallel(ep: int, n_routed_experts: int) -> ExpertParallelGroup
     validate_expert_parallel(n_routed_experts, world, ep)
     from deepspeed.utils import groups
 
-    name = f"ep_size_{ep}"
+    from deepsuite.distributed.expert_shard import group_name
+
+    name = group_name(ep)
     if name not in groups._get_expert_parallel_group_dict():
         groups._create_expert_and_data_parallel(ep)
     return ExpertParallelGroups(

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from deepsuite.config import Config
 from deepsuite.layers.attention import MultiHeadLatentAttention, RotaryPositionEmbedding
 from deepsuite.layers.mlp import SwiGLU
-from deepsuite.layers.moe import DeepSeekMoE
+from deepsuite.layers.moe import DeepSeekMoE, GroupedExperts
 from deepsuite.models.aux_heads import aux_head_loss, build_aux_head
 
 IGNORE_INDEX = -100
@@ -185,17 +185,22 @@ class DeepSeekLM(nn.Module):
             seed = int(torch.randint(0, 2**31 - 1, (), device="cpu").item())
         std = self.cfg.model.init_std
         out_std = std / math.sqrt(2 * self.cfg.model.n_layers)
-        first_expert = {}  # GroupedExperts (possibly a shard's local slice) -> its first global id
-        for moe in self.moe_layers():
-            local = getattr(moe.experts, "local", moe.experts)
-            first_expert[id(local)] = getattr(moe.experts, "ep_rank", 0) * local.n_experts
+        # the routed experts of each MoE layer, wrapped by expert parallelism or not, are named
+        # as in the unsharded model: '<layer>.experts.<weight>'
+        experts_name = {
+            id(m): f"{name}.experts"
+            for name, moe in self.named_modules()
+            if isinstance(moe, DeepSeekMoE)
+            for m in moe.experts.modules()
+            if isinstance(m, GroupedExperts)
+        }
         for mod_name, module in self.named_modules():
             if mod_name.startswith("aux_heads"):
                 continue
             for p_name, p in module.named_parameters(recurse=False):
                 if p.is_meta:
                     continue
-                name = f"{mod_name}.{p_name}".replace(".experts.local.", ".experts.")
+                name = f"{experts_name.get(id(module), mod_name)}.{p_name}"
                 if p.dim() == 1:  # norm gains
                     p.fill_(1.0)
                     continue
@@ -204,9 +209,9 @@ class DeepSeekLM(nn.Module):
                     if name.endswith(("o_proj.weight", "down_proj.weight", "down_proj"))
                     else std
                 )
-                if id(module) in first_expert:  # stacked experts: one stream per global expert
+                if isinstance(module, GroupedExperts):  # one stream per GLOBAL expert it holds
                     for i in range(p.shape[0]):
-                        key = f"{seed}/{name}/{first_expert[id(module)] + i}"
+                        key = f"{seed}/{name}/{module.first_expert + i}"
                         p[i].normal_(0.0, sd, generator=_generator(key, p.device))
                 else:
                     p.normal_(0.0, sd, generator=_generator(f"{seed}/{name}", p.device))

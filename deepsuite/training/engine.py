@@ -19,11 +19,7 @@ import torch.distributed as dist
 from deepsuite.config import Config
 from deepsuite.data import PackedLoader, Tokenizer, prepare_data, validate_data_config
 from deepsuite.distributed import DistEnv, check_same_config, detect_env, init_distributed
-from deepsuite.distributed.expert_parallel import (
-    apply_expert_parallel,
-    moe_param_groups,
-    tag_expert_parameters,
-)
+from deepsuite.distributed.expert_parallel import apply_expert_parallel, moe_param_groups
 from deepsuite.distributed.groups import setup_expert_parallel
 from deepsuite.distributed.topology import resolve_group_limit
 from deepsuite.models import DeepSeekLM
@@ -127,8 +123,7 @@ def build_run(cfg: Config) -> RunParts:
     if cfg.parallel.ep > 1:
         groups = setup_expert_parallel(cfg.parallel.ep, cfg.moe.n_routed_experts)
         apply_expert_parallel(model, groups, check_replicated=False)  # nothing to compare yet
-    model.materialize("cpu", seed=cfg.train.seed)
-    tag_expert_parameters(model)  # to_empty made new Parameter objects: tag them again
+    model.materialize("cpu", seed=cfg.train.seed)  # expert shards keep their DeepSpeed tags
 
     grad_accum = cfg.grad_accumulation_steps(W)
     engine = build_engine(cfg, model, deepspeed_config(cfg, grad_accum))
