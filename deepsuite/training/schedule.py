@@ -2,23 +2,7 @@
 
 from __future__ import annotations
 
-import math
-
-from deepsuite.config import MoEConfig, OptimConfig
-
-
-def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
-    """Multiplier of the peak lr at optimizer step ``step`` (0-based): linear warmup, then decay."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return 1.0
-    span = max(1, total_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    floor = cfg.min_lr_ratio
-    if cfg.schedule == "linear":
-        return floor + (1.0 - floor) * (1.0 - progress)
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+from deepsuite.config import MoEConfig
 
 
 def bias_gamma(tokens_seen: int, cfg: MoEConfig) -> float:

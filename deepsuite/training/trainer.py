@@ -19,19 +19,18 @@ import torch
 import torch.distributed as dist
 
 from deepsuite.atomic import atomic_write_text
+from deepsuite.checkpoint.export import export_safetensors
+from deepsuite.checkpoint.layout import tag_for_step
+from deepsuite.checkpoint.run import TrainerState, resume_run, save_run
 from deepsuite.config import Config, load_config
 from deepsuite.data.loader import model_inputs
 from deepsuite.distributed.comm import guard_collectives
 from deepsuite.distributed.expert_parallel import (
     moe_layers,
     sync_and_update_bias,
-    verify_bias_identical,
 )
-from deepsuite.distributed.reshard import load_any_layout
 from deepsuite.models import count_parameters
-from deepsuite.training import checkpoint as ckpt
 from deepsuite.training.engine import RunParts, build_run
-from deepsuite.training.export import export_safetensors
 from deepsuite.training.metrics import MetricsLogger
 from deepsuite.training.moe_stats import (
     MoEStatsTracker,
@@ -78,57 +77,32 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------
     def resume(self) -> None:
-        how = self.cfg.train.resume
-        if how == "never":
+        state = resume_run(
+            self.p.engine, self.p.model, self.cfg.train.resume, self.ckpt_dir, rank=self.rank
+        )
+        if state is None:
             return
-        ckpt_dir = Path(how) if how != "auto" else self.ckpt_dir
-        tag = [ckpt.find_resumable(ckpt_dir) if self.rank == 0 else None]
-        dist.broadcast_object_list(tag, src=0)
-        if tag[0] is None:
-            if how != "auto":
-                raise ValueError(f"train.resume: no complete checkpoint under {ckpt_dir}")
-            return
-        tag_dir = ckpt_dir / tag[0]
-        # any EP / world / ZeRO layout: native load when it matches, else resharded on load
-        load_any_layout(self.p.engine, self.p.model, ckpt_dir, tag[0])
-        state = ckpt.read_trainer_state(tag_dir)
-        ckpt.load_rank_state(tag_dir, self.rank)
-        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-        self.p.train_loader.load_state_dict(state["train_loader"])
-        self.history = state.get("loss_history", [])
-        verify_bias_identical(self.p.model)
-        if self.rank == 0:
-            print(f"resumed from {tag_dir} at step {self.step}", flush=True)
+        self.step, self.tokens_seen = state.step, state.tokens_seen
+        self.p.train_loader.load_state_dict(state.train_loader)
+        self.history = state.loss_history
 
     def save(self) -> Path:
-        tag = ckpt.tag_for_step(self.step)
-        tag_dir = self.ckpt_dir / tag
-        with guard_collectives("checkpoint", self.step):
-            verify_bias_identical(self.p.model)  # the bias in the checkpoint is every rank's bias
-            if self.rank == 0 and tag_dir.exists():  # a half-written save of this step, from a kill
-                import shutil
-
-                shutil.rmtree(tag_dir)
-            dist.barrier()
-            self.p.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, save_latest=False)
-            ckpt.save_rank_state(tag_dir, self.rank)
-            if self.rank == 0:
-                ckpt.write_trainer_state(
-                    tag_dir,
-                    {
-                        "step": self.step,
-                        "tokens_seen": self.tokens_seen,
-                        "world_size": self.p.env.world_size,
-                        "train_loader": self.p.train_loader.state_dict(),
-                        "loss_history": self.history,
-                        "config": self.cfg.to_dict(),
-                    },
-                )
-            dist.barrier()
-            if self.rank == 0:
-                ckpt.commit_latest(self.ckpt_dir, tag, self.cfg.train.keep_last)
-            dist.barrier()
-        return tag_dir
+        state = TrainerState(
+            step=self.step,
+            tokens_seen=self.tokens_seen,
+            world_size=self.p.env.world_size,
+            train_loader=self.p.train_loader.state_dict(),
+            config=self.cfg.to_dict(),
+            loss_history=self.history,
+        )
+        return save_run(
+            self.p.engine,
+            self.p.model,
+            self.ckpt_dir,
+            state,
+            rank=self.rank,
+            keep_last=self.cfg.train.keep_last,
+        )
 
     # ---- one optimizer step ------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
@@ -327,7 +301,7 @@ class Trainer:
             "val": self.last_val,
             "moe": vio,
             "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
-            "checkpoint": str(self.ckpt_dir / ckpt.tag_for_step(self.step)),
+            "checkpoint": str(self.ckpt_dir / tag_for_step(self.step)),
             "metrics": str(self.p.run_dir / "metrics.jsonl"),
         }
         if self.rank == 0:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from deepsuite.training.checkpoint import verify_checkpoint
+from deepsuite.checkpoint.layout import verify_checkpoint
 from deepsuite.training.metrics import read_metrics
 from tests.distributed.launch import CACHE, ROOT
 from tests.slurm.cluster import SlurmCluster

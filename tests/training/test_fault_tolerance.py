@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from deepsuite.training.checkpoint import find_resumable, tag_for_step
+from deepsuite.checkpoint.layout import find_resumable, tag_for_step
 from deepsuite.training.metrics import read_metrics
 from tests.distributed.launch import CACHE, ROOT, free_port
 from tests.training.runner import (
