@@ -30,6 +30,7 @@ from deepsuite.distributed.expert_parallel import (
     sync_and_update_bias,
 )
 from deepsuite.models import count_parameters
+from deepsuite.runlog import JSONL_NAME, keep_steps_up_to
 from deepsuite.training.engine import RunParts, build_run
 from deepsuite.training.metrics import MetricsLogger
 from deepsuite.training.moe_stats import (
@@ -224,14 +225,8 @@ class Trainer:
     def open_logger(self) -> MetricsLogger:
         """After resume: steps past the checkpoint (trained before a crash) leave the jsonl, so
         every step appears once and the resumed steps are logged afresh."""
-        jsonl = self.p.run_dir / "metrics.jsonl"
-        if self.rank == 0 and jsonl.is_file():
-            kept = [
-                line
-                for line in jsonl.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= self.step
-            ]
-            atomic_write_text(jsonl, "".join(line + "\n" for line in kept))
+        if self.rank == 0:
+            keep_steps_up_to(self.p.run_dir / JSONL_NAME, self.step)
         log = self.cfg.logging
         return MetricsLogger(
             self.p.run_dir,
@@ -302,7 +297,7 @@ class Trainer:
             "moe": vio,
             "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
             "checkpoint": str(self.ckpt_dir / tag_for_step(self.step)),
-            "metrics": str(self.p.run_dir / "metrics.jsonl"),
+            "metrics": str(self.p.run_dir / JSONL_NAME),
         }
         if self.rank == 0:
             atomic_write_text(self.p.run_dir / "summary.json", json.dumps(summary, indent=1))

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from deepsuite.checkpoint.layout import verify_checkpoint
-from deepsuite.training.metrics import read_metrics
+from deepsuite.runlog import read_metrics
 from tests.distributed.launch import CACHE, ROOT
 from tests.slurm.cluster import SlurmCluster
 from tests.training.runner import (

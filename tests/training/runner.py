@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from deepsuite.training.metrics import read_metrics
+from deepsuite.runlog import read_metrics
 from tests.distributed.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from deepsuite.checkpoint.layout import find_resumable, tag_for_step
-from deepsuite.training.metrics import read_metrics
+from deepsuite.runlog import read_metrics
 from tests.distributed.launch import CACHE, ROOT, free_port
 from tests.training.runner import (
     CHECKPOINTED_RUN,

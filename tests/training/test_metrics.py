@@ -17,7 +17,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deepsuite.training.metrics import MetricsLogger, read_metrics
+from deepsuite.runlog import read_metrics
+from deepsuite.training.metrics import MetricsLogger
 from deepsuite.training.moe_stats import (
     MoEStatsTracker,
     comm_stats,
@@ -224,7 +225,8 @@ def test_wandb_not_importable_falls_back_to_jsonl(tmp_path):
         f"""
         import sys, warnings
         sys.modules["wandb"] = None  # import wandb now raises ImportError
-        from deepsuite.training.metrics import MetricsLogger, MoEStatsTracker
+        from deepsuite.training.metrics import MetricsLogger
+        from deepsuite.training.moe_stats import MoEStatsTracker
         tr = MoEStatsTracker(2)
         tr.update(1, [3, 1], bias_E=[0.0, 0.1])
         with warnings.catch_warnings(record=True) as w:
