@@ -20,6 +20,9 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from deepsuite.layers.moe.balance import GammaSchedule
+from deepsuite.layers.moe.options import BalanceOptions, RoutingOptions, balance_of, routing_of
+
 
 class ConfigError(ValueError):
     """A config value or key is wrong; the message names the dotted key and what is allowed."""
@@ -178,60 +181,50 @@ class MLAConfig:
 
 
 @dataclass
-class MoEConfig:
-    """DeepSeekMoE routing and the auxiliary-loss-free balancing (REFERENCES.md)."""
+class MoESizes:
+    """The sizes of every DeepSeekMoE layer (the ``moe`` section's first fields)."""
 
     n_routed_experts: int = 16
     n_shared_experts: int = 1
     n_expert_per_token: int = 2
     expert_intermediate_size: int = 128
-    n_group: int = 1
-    topk_group: int = 1
-    score_func: str = "sigmoid"
-    route_scale: float = 1.0
-    norm_topk_prob: bool = True
-    top_p: float = 0.0
-    bias_update_speed: float = 0.001
-    bias_update_until_tokens: int = 0
-    bias_recenter: bool = False
-    seq_aux_alpha: float = 0.0
-    aux_loss_alpha: float = 0.0
-    use_expert_bias: bool = True  # False: V2 routing (no balancing bias, a group scores its max)
+
+
+@dataclass
+class MoEConfig(BalanceOptions, RoutingOptions, MoESizes):
+    """DeepSeekMoE: the sizes, how tokens are routed and how load is balanced.
+
+    The routing and balancing fields, their defaults and their checks are the layer's own
+    (:class:`~deepsuite.layers.moe.RoutingOptions`, :class:`~deepsuite.layers.moe.BalanceOptions`;
+    the formulas are in docs/formulas.md); this section adds when the bias stops moving.
+    """
+
+    bias_update_until_tokens: int = 0  # gamma becomes 0 after this many tokens (0: never)
 
     def __post_init__(self) -> None:
         _positive("moe", self, "n_routed_experts", "n_expert_per_token")
-        _positive("moe", self, "expert_intermediate_size", "n_group", "topk_group", "route_scale")
-        _non_negative(
-            "moe", self, "n_shared_experts", "bias_update_speed", "bias_update_until_tokens"
-        )
-        _non_negative("moe", self, "seq_aux_alpha", "aux_loss_alpha")
-        _one_of("moe.score_func", self.score_func, ["sigmoid", "softmax"])
-        _check(0.0 <= self.top_p < 1.0, "moe.top_p", "0 (off) or a value in (0, 1)", self.top_p)
-        _check(
-            self.n_expert_per_token <= self.n_routed_experts,
-            "moe.n_expert_per_token",
-            f"at most moe.n_routed_experts ({self.n_routed_experts})",
-            self.n_expert_per_token,
-        )
-        _check(
-            self.n_routed_experts % self.n_group == 0,
-            "moe.n_group",
-            f"a divisor of moe.n_routed_experts ({self.n_routed_experts})",
-            self.n_group,
-        )
-        _check(
-            self.topk_group <= self.n_group,
-            "moe.topk_group",
-            f"at most moe.n_group ({self.n_group})",
-            self.topk_group,
-        )
-        per_group = self.n_routed_experts // self.n_group
-        _check(
-            self.n_expert_per_token <= self.topk_group * per_group,
-            "moe.n_expert_per_token",
-            f"at most moe.topk_group * experts per group ({self.topk_group * per_group})",
-            self.n_expert_per_token,
-        )
+        _positive("moe", self, "expert_intermediate_size")
+        _non_negative("moe", self, "n_shared_experts", "bias_update_until_tokens")
+        if self.top_p == 0:
+            self.top_p = None  # "off", as RoutingOptions spells it
+        try:
+            self.check_routing("moe.")
+            self.check_experts(self.n_routed_experts, self.n_expert_per_token, "moe.")
+            self.check_balance("moe.")
+        except (TypeError, ValueError) as err:
+            raise ConfigError(str(err)) from None
+
+    def routing(self) -> RoutingOptions:
+        """This section's routing fields, as the layer takes them."""
+        return routing_of(self)
+
+    def balance(self) -> BalanceOptions:
+        """This section's balancing fields, as the layer takes them."""
+        return balance_of(self)
+
+    def gamma_schedule(self) -> GammaSchedule:
+        """The bias update speed over training (``bias_update_speed``, 0 after the limit)."""
+        return GammaSchedule(self.bias_update_speed, self.bias_update_until_tokens or None)
 
 
 def expert_parallel_sizes(n_routed_experts: int, world_size: int | None = None) -> list[int]:
@@ -422,12 +415,22 @@ class LoggingConfig:
 
 
 @dataclass
-class Config:
-    """The whole tree. Sections validate themselves; :meth:`validate` checks cross-section rules."""
+class ModelArgs:
+    """The sections that define a model's architecture: all ``DeepSeekLM`` takes (and keeps).
+
+    A :class:`Config` is a ModelArgs plus how to train it, so ``DeepSeekLM(cfg)`` works; the
+    model copies out these three sections only.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     mla: MLAConfig = field(default_factory=MLAConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+
+
+@dataclass
+class Config(ModelArgs):
+    """The whole tree. Sections validate themselves; :meth:`validate` checks cross-section rules."""
+
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -23,6 +23,7 @@ from deepsuite.distributed.expert_parallel import apply_expert_parallel
 from deepsuite.distributed.groups import setup_expert_parallel
 from deepsuite.distributed.topology import resolve_group_limit
 from deepsuite.models import DeepSeekLM
+from deepsuite.training.activation_checkpointing import apply_activation_checkpointing
 
 
 @dataclass
@@ -106,6 +107,7 @@ def build_run(cfg: Config) -> RunParts:
         groups = setup_expert_parallel(cfg.parallel.ep, cfg.moe.n_routed_experts)
         apply_expert_parallel(model, groups, check_replicated=False)  # nothing to compare yet
     model.materialize("cpu", seed=cfg.train.seed)  # expert shards keep their DeepSpeed tags
+    apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
 
     grad_accum = cfg.grad_accumulation_steps(W)
     engine = build_engine(cfg, model, deepspeed_config(cfg, grad_accum))

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from deepsuite.config import load_config
 from deepsuite.layers import DeepSeekMoE, SwiGLU
 from deepsuite.models import IGNORE_INDEX, DeepSeekLM, count_model_parameters, count_parameters
+from deepsuite.training.activation_checkpointing import apply_activation_checkpointing
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = [
@@ -32,7 +33,10 @@ SMALL = [
 
 def small_model(*extra: str, seed: int = 0) -> DeepSeekLM:
     torch.manual_seed(seed)
-    return DeepSeekLM(load_config(ROOT / "configs/tiny.yaml", [*SMALL, *extra]))
+    cfg = load_config(ROOT / "configs/tiny.yaml", [*SMALL, *extra])
+    model = DeepSeekLM(cfg)
+    apply_activation_checkpointing(model, cfg.train.activation_checkpointing)  # as training does
+    return model
 
 
 def test_v3_671b_parameter_counts():

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from deepsuite.config import Config
+from deepsuite.config import Config, ModelArgs
 from deepsuite.layers.moe import GroupedExperts
 from deepsuite.models.hf.config import V2, V3, config_to_hf, hf_flavor, hf_to_config
 from deepsuite.models.hf.names import Slot, hf_slots, mtp_layers_present
@@ -119,7 +119,7 @@ def _grouped_experts(module: nn.Module) -> GroupedExperts:
     return next(m for m in module.modules() if isinstance(m, GroupedExperts))
 
 
-def _check_arch(model_cfg: Config, ckpt_cfg: Config) -> None:
+def _check_arch(model_cfg: ModelArgs, ckpt_cfg: ModelArgs) -> None:
     bad = []
     for section, names in _ARCH_FIELDS.items():
         sec = section.rstrip("_")
@@ -154,7 +154,7 @@ def load_hf_weights(model: nn.Module, path: str | Path, *, ignore_mtp: bool = Fa
     shape mismatch, before or while copying. Returns a :class:`LoadReport`.
     """
     path = Path(path)
-    cfg: Config = model.cfg  # type: ignore[assignment]
+    cfg: ModelArgs = model.args  # type: ignore[assignment]
     hf = read_hf_config(path)
     names = weight_map(path)
     _check_arch(cfg, hf_to_config(hf, mtp_depth=cfg.model.mtp_depth))
@@ -303,7 +303,7 @@ def _hf_tensor(state: Mapping[str, Tensor], s: Slot, dtype: torch.dtype | None) 
 
 def save_hf_state(
     state: Mapping[str, Tensor],
-    cfg: Config,
+    cfg: ModelArgs,
     out_dir: str | Path,
     *,
     dtype: torch.dtype | None = None,
@@ -373,7 +373,7 @@ def save_hf_checkpoint(
 ) -> Path | None:
     """Save a DeepSeekLM in HF format. On an expert-parallel model every rank must call this
     (the experts are all-gathered) and rank 0 writes; returns the directory on the writer."""
-    cfg: Config = model.cfg  # type: ignore[assignment]
+    cfg: ModelArgs = model.args  # type: ignore[assignment]
     sharded = any(
         isinstance(m, GroupedExperts) and m.n_experts < m.n_global_experts for m in model.modules()
     )
