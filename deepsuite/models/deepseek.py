@@ -81,10 +81,6 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(dim, eps=eps)
         self.ffn: nn.Module = build_moe(args) if moe else SwiGLU(dim, args.model.inter_dim)
 
-    @property
-    def is_moe(self) -> bool:
-        return isinstance(self.ffn, DeepSeekMoE)
-
     def forward(
         self,
         x_BSD: Tensor,

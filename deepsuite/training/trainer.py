@@ -41,7 +41,7 @@ from deepsuite.training.moe_stats import (
     mfu,
 )
 from deepsuite.training.preemption import StopRequested
-from deepsuite.training.schedule import bias_gamma
+from deepsuite.training.step_stats import StepStats
 
 
 def _layer_index(name: str, n_layers: int) -> int:
@@ -51,13 +51,23 @@ def _layer_index(name: str, n_layers: int) -> int:
 
 
 class Trainer:
+    """One run's loop over the pieces :func:`~deepsuite.training.engine.build_run` made."""
+
     def __init__(self, parts: RunParts) -> None:
-        self.p = parts
         self.cfg: Config = parts.cfg
+        self.env = parts.env
         self.rank = parts.env.rank
+        self.world = parts.env.world_size
+        self.run_dir = parts.run_dir
+        self.engine = parts.engine
+        self.model = parts.model
+        self.train_loader = parts.train_loader
+        self.val_loader = parts.val_loader
+        self.grad_accum = parts.grad_accum
         self.ckpt_dir = parts.run_dir / "checkpoints"
         self.step = 0
         self.tokens_seen = 0
+        self.gamma = self.cfg.moe.gamma_schedule()
         self.layers = [
             (_layer_index(n, self.cfg.model.n_layers), m) for n, m in moe_layers(parts.model)
         ]
@@ -76,29 +86,29 @@ class Trainer:
             attn_dim=m.n_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim),
         )
 
-    # ---- checkpoints -------------------------------------------------------------------------
+    # ---- checkpoints (the sequences live in deepsuite.checkpoint.run) ------------------------
     def resume(self) -> None:
         state = resume_run(
-            self.p.engine, self.p.model, self.cfg.train.resume, self.ckpt_dir, rank=self.rank
+            self.engine, self.model, self.cfg.train.resume, self.ckpt_dir, rank=self.rank
         )
         if state is None:
             return
         self.step, self.tokens_seen = state.step, state.tokens_seen
-        self.p.train_loader.load_state_dict(state.train_loader)
+        self.train_loader.load_state_dict(state.train_loader)
         self.history = state.loss_history
 
     def save(self) -> Path:
         state = TrainerState(
             step=self.step,
             tokens_seen=self.tokens_seen,
-            world_size=self.p.env.world_size,
-            train_loader=self.p.train_loader.state_dict(),
+            world_size=self.world,
+            train_loader=self.train_loader.state_dict(),
             config=self.cfg.to_dict(),
             loss_history=self.history,
         )
         return save_run(
-            self.p.engine,
-            self.p.model,
+            self.engine,
+            self.model,
             self.ckpt_dir,
             state,
             rank=self.rank,
@@ -108,15 +118,12 @@ class Trainer:
     # ---- one optimizer step ------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
         """grad_accum micro-batches, one optimizer step, one bias update; returns global metrics."""
-        engine = self.p.engine
+        engine, heads = self.engine, [h.name for h in self.cfg.model.aux_heads]
         t = dict.fromkeys(("forward", "backward", "optimizer", "dispatch"), 0.0)
-        # this rank's [lm loss, expert rows received, all-to-all bytes sent, all-to-all seconds,
-        # then each auxiliary head's loss]
-        heads = [h.name for h in self.cfg.model.aux_heads]
-        local = torch.zeros(4 + len(heads), dtype=torch.float64)
+        mine = StepStats(heads)
         start = time.perf_counter()
-        for _ in range(self.p.grad_accum):
-            batch = next(self.p.train_loader)
+        for _ in range(self.grad_accum):
+            batch = next(self.train_loader)
             t0 = time.perf_counter()
             out = engine(**model_inputs(batch, engine.device, self.cfg.data.document_masking))
             t1 = time.perf_counter()
@@ -127,24 +134,21 @@ class Trainer:
             t["forward"] += t1 - t0
             t["backward"] += t2 - t1
             t["optimizer"] += t3 - t2
-            local[0] += out.lm_loss.detach().double().cpu()
-            for j, name in enumerate(heads):
-                local[4 + j] += out.aux_losses[name].detach().double().cpu()
+            mine.add("lm_loss", out.lm_loss.detach().double().cpu())
+            for name in heads:
+                mine.add(f"aux/{name}", out.aux_losses[name].detach().double().cpu())
             for _, moe in self.layers:
-                stats = getattr(moe.dispatcher, "last_comm_stats", None)  # set by all-to-all only
-                if stats is not None:
-                    local[1:4] += torch.tensor(
-                        [stats.rows_received, stats.bytes_sent, stats.a2a_time_s],
-                        dtype=torch.float64,
-                    )
-        t["dispatch"] = float(local[3])
-        counts = sync_and_update_bias(self.p.model, bias_gamma(self.tokens_seen, self.cfg.moe))
-        world = self.p.env.world_size
-        per_rank = torch.empty(world * local.numel(), dtype=torch.float64)
-        dist.all_gather_into_tensor(per_rank, local)
-        per_rank = per_rank.view(world, local.numel())
+                comm = getattr(moe.dispatcher, "last_comm_stats", None)  # all-to-all only
+                if comm is not None:
+                    mine.add("rows_received", comm.rows_received)
+                    mine.add("a2a_bytes", comm.bytes_sent)
+                    mine.add("a2a_time_s", comm.a2a_time_s)
+        t["dispatch"] = mine["a2a_time_s"]
+        counts = sync_and_update_bias(self.model, self.gamma(self.tokens_seen))
+        ranks = mine.all_gather()
         elapsed = time.perf_counter() - start
-        loss = float(per_rank[:, 0].sum()) / (world * self.p.grad_accum)
+        n_micro = self.world * self.grad_accum
+        loss = ranks.sum("lm_loss") / n_micro
         tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_len
         self.tokens_seen += tokens
         self.step += 1
@@ -165,14 +169,11 @@ class Trainer:
             "perf/step_time_s": elapsed,
             "perf/tokens_seen": self.tokens_seen,
             **{f"time/{k}": v for k, v in t.items()},
-            **{
-                f"loss/aux_{name}": float(per_rank[:, 4 + j].sum()) / (world * self.p.grad_accum)
-                for j, name in enumerate(heads)
-            },
+            **{f"loss/aux_{name}": ranks.sum(f"aux/{name}") / n_micro for name in heads},
         }
         if self.peak_flops > 0:
             metrics["perf/mfu"] = mfu(
-                tokens / elapsed, self.flops_per_token, self.peak_flops * world
+                tokens / elapsed, self.flops_per_token, self.peak_flops * self.world
             )
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
@@ -180,9 +181,9 @@ class Trainer:
         if self.cfg.parallel.ep > 1:  # the straggler view: expert rows each rank computed
             metrics.update(
                 comm_stats(
-                    per_rank[:, 1].numpy(),
-                    a2a_bytes=float(per_rank[:, 2].sum()),
-                    a2a_time_s=float(per_rank[:, 3].max()),
+                    ranks.per_rank("rows_received").numpy(),
+                    a2a_bytes=ranks.sum("a2a_bytes"),
+                    a2a_time_s=ranks.max("a2a_time_s"),
                 )
             )
         return metrics
@@ -190,10 +191,10 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Validation loss and global MaxVio per MoE layer over ``eval_batches`` global batches."""
-        loader = self.p.val_loader
+        loader = self.val_loader
         if loader is None:
             return {}
-        engine = self.p.engine
+        engine = self.engine
         engine.eval()
         loss_sum = torch.zeros(())
         counts = [torch.zeros(m.n_routed_experts, dtype=torch.int64) for _, m in self.layers]
@@ -209,7 +210,7 @@ class Trainer:
         engine.train()
         flat = torch.cat([loss_sum.view(1), *[c.double() for c in counts]])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        out: dict[str, float] = {"loss/val": float(flat[0]) / (n * self.p.env.world_size)}
+        out: dict[str, float] = {"loss/val": float(flat[0]) / (n * self.world)}
         offset = 1
         for layer, m in self.layers:
             c = flat[offset : offset + m.n_routed_experts]
@@ -226,10 +227,10 @@ class Trainer:
         """After resume: steps past the checkpoint (trained before a crash) leave the jsonl, so
         every step appears once and the resumed steps are logged afresh."""
         if self.rank == 0:
-            keep_steps_up_to(self.p.run_dir / JSONL_NAME, self.step)
+            keep_steps_up_to(self.run_dir / JSONL_NAME, self.step)
         log = self.cfg.logging
         return MetricsLogger(
-            self.p.run_dir,
+            self.run_dir,
             rank=self.rank,
             config=self.cfg.to_dict(),
             wandb_mode=log.wandb,
@@ -271,23 +272,22 @@ class Trainer:
         if not preempted:
             self.save()
         if cfg.export_final and self.step == cfg.steps:
-            export_safetensors(
-                self.p.model, self.p.run_dir / "final" / "model.safetensors", self.rank
-            )
+            export_safetensors(self.model, self.run_dir / "final" / "model.safetensors", self.rank)
         elapsed = time.perf_counter() - t_start
-        summary = self.summary(first_step, elapsed, self.tokens_seen - tokens_start, preempted)
+        result = self.fit_result(first_step, elapsed, self.tokens_seen - tokens_start, preempted)
         self.logger.close()
-        return summary
+        return result
 
-    def summary(
+    def fit_result(
         self, first_step: int, elapsed: float, tokens: int, preempted: bool
     ) -> dict[str, Any]:
+        """What this invocation did; rank 0 writes it to RUN_DIR/summary.json and prints it."""
         vio = {
             k: v
             for k, v in self.tracker.metrics().items()
             if k.startswith("moe/") and "max_vio" in k and "layer" not in k
         }
-        summary = {
+        result = {
             "steps": self.step,
             "steps_this_run": self.step - first_step,
             "preempted": preempted,
@@ -297,15 +297,17 @@ class Trainer:
             "moe": vio,
             "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
             "checkpoint": str(self.ckpt_dir / tag_for_step(self.step)),
-            "metrics": str(self.p.run_dir / JSONL_NAME),
+            "metrics": str(self.run_dir / JSONL_NAME),
         }
         if self.rank == 0:
-            atomic_write_text(self.p.run_dir / "summary.json", json.dumps(summary, indent=1))
-            print(format_summary(summary), flush=True)
-        return summary
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(result, indent=1))
+            print(format_fit_result(result), flush=True)
+        return result
 
 
-def format_summary(s: dict[str, Any]) -> str:
+def format_fit_result(s: dict[str, Any]) -> str:
+    """The end-of-run report printed by rank 0 (``deepsuite summary RUN_DIR`` reads the jsonl
+    instead and is :func:`deepsuite.summary.format_summary`)."""
     lines = ["", "=== deepsuite run summary ==="]
     if s["loss_first"] is not None:
         lines.append(
