@@ -1,5 +1,9 @@
 """One typed config tree: defaults < YAML < ``key.sub=value`` overrides, strict keys.
 
+One file over 400 lines on purpose: every section, its defaults and its checks read in one place,
+next to the YAML files they validate (the MoE routing and balancing fields live with the layer,
+``deepsuite/layers/moe/options.py``, and are inherited here).
+
 OmegaConf structured configs do the merge and the type checks (unknown keys and wrong types are
 rejected with the full dotted key); each dataclass validates its own values in ``__post_init__``
 and :meth:`Config.validate` checks the relations between sections. Every error is a

@@ -1,6 +1,6 @@
 """Parameter counts of a config, total and activated per token, from a model built on the meta device.
 
-Convention (REFERENCES.md): "activated" counts every dense parameter (attention, dense FFNs, norms,
+Convention (docs/formulas.md, "Parameter counts"): "activated" counts every dense parameter (attention, dense FFNs, norms,
 the embedding table and the output head) plus, per MoE layer, the router, the shared experts and
 ``n_expert_per_token`` routed experts. MTP modules are reported separately, as the report does.
 """
