@@ -209,8 +209,8 @@ class MoEConfig(BalanceOptions, RoutingOptions, MoESizes):
         _positive("moe", self, "n_routed_experts", "n_expert_per_token")
         _positive("moe", self, "expert_intermediate_size")
         _non_negative("moe", self, "n_shared_experts", "bias_update_until_tokens")
-        if self.top_p == 0:
-            self.top_p = None  # "off", as RoutingOptions spells it
+        if self.top_p is None:
+            self.top_p = 0.0  # "off", as RoutingOptions spells it
         try:
             self.check_routing("moe.")
             self.check_experts(self.n_routed_experts, self.n_expert_per_token, "moe.")

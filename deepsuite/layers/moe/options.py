@@ -47,8 +47,8 @@ class RoutingOptions:
     score_func: "sigmoid" (V3) or "softmax" (V2).
     route_scale: multiplier on the gate weights.
     norm_topk_prob: divide the selected weights by their sum.
-    top_p: None or 0 = off; else each token keeps the fewest of its k candidates whose normalised
-        scores reach top_p (unused slots get id -1 and weight 0).
+    top_p: 0 (or None) = off; else each token keeps the fewest of its k candidates whose
+        normalised scores reach top_p (unused slots get id -1 and weight 0).
     use_expert_bias: add the balancing bias to the selection scores (V3). False gives V2 routing:
         no bias, and a group scores its best expert instead of its best two.
     """
@@ -58,12 +58,12 @@ class RoutingOptions:
     score_func: str = "sigmoid"
     route_scale: float = 1.0
     norm_topk_prob: bool = True
-    top_p: float | None = None
+    top_p: float | None = 0.0
     use_expert_bias: bool = True
 
     def __post_init__(self) -> None:
-        if self.top_p == 0:
-            self.top_p = None  # the config's spelling of "off"
+        if self.top_p is None:
+            self.top_p = 0.0  # one spelling of "off"
         self.check_routing()
 
     def check_routing(self, where: str = "") -> None:
@@ -83,12 +83,8 @@ class RoutingOptions:
         if isinstance(r, bool) or not isinstance(r, int | float) or not math.isfinite(r) or r <= 0:
             raise ValueError(f"{where}route_scale: expected a positive finite float, got {r!r}")
         p = self.top_p
-        if p is not None and (
-            isinstance(p, bool) or not isinstance(p, int | float) or not 0 < p <= 1
-        ):
-            raise ValueError(
-                f"{where}top_p: expected 0 or None (off) or a value in (0, 1], got {p!r}"
-            )
+        if isinstance(p, bool) or not isinstance(p, int | float) or not 0 <= p <= 1:
+            raise ValueError(f"{where}top_p: expected 0 (off) or a value in (0, 1], got {p!r}")
 
     def check_experts(self, n_experts: int, top_k: int, where: str = "") -> int:
         """Check the options against E routed experts and K slots per token; returns the most
@@ -156,7 +152,10 @@ def split_options(
     b_names = {f.name for f in fields(BalanceOptions)}
     unknown = sorted(set(options) - r_names - b_names)
     if unknown:
-        raise TypeError(f"unexpected keyword arguments {unknown} (not routing or balance options)")
+        raise TypeError(
+            f"unexpected keyword arguments {unknown}: expected fields of RoutingOptions "
+            f"{sorted(r_names)} or BalanceOptions {sorted(b_names)}"
+        )
     r = replace(
         routing_of(routing or RoutingOptions()),
         **{k: v for k, v in options.items() if k in r_names},

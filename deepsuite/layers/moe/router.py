@@ -7,14 +7,14 @@ Ties in every ranking go to the lower index (stable sort), so routing is determi
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import fields
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .options import RoutingOptions, routing_of
+from .options import RoutingOptions, split_options
 
 
 class RouterOutput(NamedTuple):
@@ -76,7 +76,9 @@ class Router(nn.Module):
     ) -> None:
         super().__init__()
         _check_int("d_model", d_model, 1)
-        routing = replace(routing_of(routing or RoutingOptions()), **options)
+        routing, _ = split_options(options, routing)
+        if set(options) - {f.name for f in fields(RoutingOptions)}:
+            raise TypeError(f"Router takes routing options only, got {sorted(options)}")
         self.max_k = routing.check_experts(n_experts, top_k)  # experts reachable in kept groups
         self.routing = routing
         self.d_model = d_model
@@ -87,7 +89,7 @@ class Router(nn.Module):
         self.score_func = routing.score_func
         self.route_scale = float(routing.route_scale)
         self.norm_topk_prob = routing.norm_topk_prob
-        self.top_p = routing.top_p
+        self.top_p = routing.top_p or None  # None: off
         self.use_bias = routing.use_expert_bias
         self.weight = nn.Parameter(torch.empty(n_experts, d_model))
         self.register_buffer("expert_bias", torch.zeros(n_experts, dtype=torch.float32))
