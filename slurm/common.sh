@@ -4,6 +4,10 @@
 # GPUs and CPUs per node, and defines run_step, which runs the job step and then requeues the job
 # when the trainer stopped on a preemption notice. slurm/README.md says what each setting does.
 set -euo pipefail
+if [ -z "${SLURM_JOB_ID:-}" ]; then
+    echo "error: not a SLURM job: submit with sbatch slurm/<script>.sbatch CONFIG [key=value ...]" >&2
+    exit 2
+fi
 ROOT=$PWD
 RESTART=${SLURM_RESTART_COUNT:-0}
 # A notice to the batch shell (`--signal=B:USR1@<s>`, `scancel --batch/--full --signal=USR1`)
