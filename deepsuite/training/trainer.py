@@ -31,6 +31,7 @@ from deepsuite.distributed.expert_parallel import (
 )
 from deepsuite.models import count_parameters
 from deepsuite.runlog import JSONL_NAME, keep_steps_up_to
+from deepsuite.training import preemption
 from deepsuite.training.engine import RunParts, build_run
 from deepsuite.training.metrics import MetricsLogger
 from deepsuite.training.moe_stats import (
@@ -40,7 +41,6 @@ from deepsuite.training.moe_stats import (
     max_vio,
     mfu,
 )
-from deepsuite.training.preemption import StopRequested
 from deepsuite.training.step_stats import StepStats
 
 
@@ -243,14 +243,15 @@ class Trainer:
         )
 
     def fit(self) -> dict[str, Any]:
-        cfg, stop = self.cfg.train, StopRequested()
+        cfg, stop = self.cfg.train, preemption.listen()
+        stop.listen_for_term()
         self.resume()
         self.logger = self.open_logger()
         first_step = self.step
         t_start, tokens_start = time.perf_counter(), self.tokens_seen
-        preempted = False
         last = min(cfg.steps, cfg.stop_at_step) if cfg.stop_at_step else cfg.steps
-        while self.step < last:
+        preempted = stop.agreed()  # a notice during start-up: stop before the first step
+        while self.step < last and not preempted:
             with guard_collectives("train step", self.step):
                 metrics = self.train_step()
             if self.step % self.cfg.logging.moe_every == 0 or self.step == cfg.steps:
@@ -263,19 +264,29 @@ class Trainer:
             if "loss/val" in metrics and self.cfg.logging.wandb != "disabled":
                 self.logger.log_images(self.step)  # heatmaps and bias trajectories so far
             if stop.agreed():
-                self.save()
-                preempted = True
-                stop.requeue(self.rank)  # after the save: requeueing kills this job
+                preempted = self.step < last  # a notice at the last step changes nothing
                 break
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < last:
                 self.save()
-        if not preempted:
+        # no step since the start or the resume: that state is already the latest checkpoint
+        saved = not preempted or self.step > first_step
+        if saved:
             self.save()
+        outcome = stop.conclude(
+            step=self.step,
+            last_step=last,
+            saved=saved,
+            rank=self.rank,
+            local_rank=self.env.local_rank,
+        )
         if cfg.export_final and self.step == cfg.steps:
             export_safetensors(self.model, self.run_dir / "final" / "model.safetensors", self.rank)
         elapsed = time.perf_counter() - t_start
         result = self.fit_result(first_step, elapsed, self.tokens_seen - tokens_start, preempted)
+        result["outcome"], result["exit_code"] = outcome.line, outcome.exit_code
         self.logger.close()
+        if self.rank == 0:
+            print(outcome.line, flush=True)
         return result
 
     def fit_result(
@@ -329,8 +340,6 @@ def format_fit_result(s: dict[str, Any]) -> str:
         )
     lines.append(f"checkpoint      {s['checkpoint']}")
     lines.append(f"metrics         {s['metrics']}")
-    if s["preempted"]:
-        lines.append("stopped early on a preemption signal; rerun the same command to resume")
     return "\n".join(lines)
 
 
@@ -354,13 +363,15 @@ def train(cfg: Config) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """0 when the run finished (or was requeued), preemption.NOT_FINISHED when it stopped early."""
+    preemption.listen()  # a notice during start-up is kept (train/train.py calls it even earlier)
     config, overrides = parse_args(argv)
     cfg = load_config(config, overrides)
-    train(cfg)
+    summary = train(cfg)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    return 0
+    return int(summary["exit_code"])
 
 
 if __name__ == "__main__":
