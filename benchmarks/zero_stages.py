@@ -119,9 +119,9 @@ def ours_worker(
     import torch
 
     from deepsuite.distributed import setup_expert_parallel
+    from deepsuite.distributed.engine import build_engine, deepspeed_config
     from deepsuite.distributed.expert_parallel import apply_expert_parallel, sync_and_update_bias
     from deepsuite.models import DeepSeekLM
-    from deepsuite.training.engine import build_engine, deepspeed_config
     from tests.distributed.memory import StepMemory
 
     torch.set_num_threads(1)

@@ -119,9 +119,9 @@ def _worker(rank: int, world: int, runs: list[tuple[int, int, str]]) -> dict:
 
     import deepspeed
 
+    from deepsuite.distributed.engine import deepspeed_config
     from deepsuite.distributed.expert_parallel import apply_expert_parallel, moe_param_groups
     from deepsuite.models import DeepSeekLM
-    from deepsuite.training.engine import deepspeed_config
     from tests.distributed.memory import StepMemory
 
     groups = _warm_groups(sorted({ep for ep, _, _ in runs}))

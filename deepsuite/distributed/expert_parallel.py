@@ -1,167 +1,47 @@
 """Expert parallelism applied from outside the model: shard experts, swap the dispatcher, and make
-the DeepSpeed engine treat the shards as expert parameters.
+the DeepSpeed engine treat the shards as MoE parameters.
 
 Letters: E global routed experts, L = E / ep local experts, F expert hidden, D model dim.
 
 Per DeepSeekMoE layer on EP rank r: ``moe.experts`` becomes an ``ExpertShard`` holding a
 GroupedExperts with experts [r*L, (r+1)*L) of the (identically initialised) full set, and
-``moe.dispatcher`` an AllToAllDispatcher over the EP group. How DeepSpeed learns that the shard's
-parameters are experts depends on the ZeRO stage:
-
-* ZeRO 0-2: the shard is a ``DeepSpeedMoEShard``, which subclasses DeepSpeed's ``MoE`` only as a
-  marker (the engine switches on expert-data-parallel reduction, expert optimizer groups and
-  per-expert checkpoint files for instances of it); it never runs DeepSpeed's MoE code.
-* ZeRO 3: DeepSpeed 0.19 refuses its native ``MoE`` under stage 3, so the shard is a plain
-  ``ExpertShard`` and its parameters carry the placement attributes stage 3 reads for its own
-  AutoEP experts (``tag_expert_parameters``): each rank's local experts are partitioned over
-  their expert-data-parallel group, the dense model over the whole world.
+``moe.dispatcher`` an AllToAllDispatcher over the EP group. How shards are placed, named and
+tagged for DeepSpeed is :mod:`deepsuite.distributed.expert_shard`; this module applies it, groups
+the optimizer's parameters, keeps the balancing bias identical on every rank, and gathers the
+shards back into one state dict.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from deepspeed.moe.layer import MoE as _DeepSpeedMoE
 from torch import Tensor, nn
-from torch.distributed import ProcessGroup
 
+from deepsuite.config import validate_expert_parallel
 from deepsuite.distributed.comm import all_gather_flat
 from deepsuite.distributed.dispatch import AllToAllDispatcher
-from deepsuite.distributed.groups import (
-    ExpertParallelGroups,
-    check_same_config,
-    validate_expert_parallel,
+from deepsuite.distributed.expert_shard import (
+    EXPERT_WEIGHTS,
+    ExpertShard,
+    shard_experts,
+    tag_expert_parameters,
 )
-from deepsuite.layers.moe import DeepSeekMoE, ExpertRows, GroupedExperts
+from deepsuite.distributed.groups import ExpertParallelGroups, check_same_config
+from deepsuite.layers.moe import DeepSeekMoE
 
 __all__ = [
-    "DeepSpeedMoEShard",
     "ExpertShard",
     "apply_expert_parallel",
+    "full_state_dict",
     "moe_layers",
     "moe_param_groups",
     "sync_and_update_bias",
     "tag_expert_parameters",
     "verify_bias_identical",
 ]
-
-# DeepSpeed finds per-expert checkpoint entries by this infix (engine._save_moe_checkpoint)
-_DS_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
-_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
-# ZeRO-3 placement of expert parameters, the attributes DeepSpeed 0.19.8 reads for AutoEP experts
-# (private, pinned with deepspeed<0.20): partition_parameters.Init._convert_to_deepspeed_param
-# partitions a parameter over ``ds_zero_partition_process_group``; stage3
-# ._autoep_expert_parallel_group keys on the family "autoep_expert" and the group name to average
-# its gradients over the whole world (not the partition group) and to sum its grad norm over the
-# expert-parallel group.
-_ZERO3_EXPERT_FAMILY = "autoep_expert"
-
-
-class ExpertShard(nn.Module):
-    """This rank's slice of a layer's routed experts.
-
-    ``forward(x_ND, counts_L) -> y_ND`` is the wrapped GroupedExperts (``self.local``, L experts);
-    its state-dict keys are ``local.{gate_proj,up_proj,down_proj}`` ([L, F, D] / [L, D, F]).
-    Used as is under ZeRO 3; :class:`DeepSpeedMoEShard` is the ZeRO 0-2 form.
-
-    Args:
-        local: the L local experts.
-        n_experts: E, the layer's global expert count.
-        ep_rank: this rank's index in the expert-parallel group (its experts start at ep_rank*L).
-        group_name: DeepSpeed's name of the EP x EDP groups, ``ep_size_<ep>``.
-        edp_group: the expert-data-parallel group holding the same experts (ZeRO 3 partitions
-            the local experts over it; None only for a shard that never meets an engine).
-    """
-
-    def __init__(
-        self,
-        local: GroupedExperts,
-        n_experts: int,
-        ep_rank: int,
-        group_name: str,
-        edp_group: ProcessGroup | None = None,
-    ):
-        nn.Module.__init__(self)  # not super(): the DeepSpeed MoE marker must not construct
-        self.local = local
-        self.num_experts = n_experts
-        self.num_local_experts = local.n_experts
-        self.ep_size = n_experts // local.n_experts
-        self.ep_rank = ep_rank
-        self.expert_group_name = group_name
-        self.edp_group = edp_group
-
-    def forward(self, x: Tensor | ExpertRows, counts_L: Tensor | Sequence[int]) -> Tensor:  # type: ignore[override]
-        return self.local(x, counts_L)
-
-    # read-only views so code that inspects moe.experts keeps working
-    @property
-    def n_experts(self) -> int:
-        return self.local.n_experts
-
-    @property
-    def gate_proj(self) -> nn.Parameter:
-        return self.local.gate_proj
-
-    @property
-    def up_proj(self) -> nn.Parameter:
-        return self.local.up_proj
-
-    @property
-    def down_proj(self) -> nn.Parameter:
-        return self.local.down_proj
-
-    def extra_repr(self) -> str:
-        return (
-            f"experts [{self.ep_rank * self.num_local_experts}, "
-            f"{(self.ep_rank + 1) * self.num_local_experts}) of {self.num_experts}, "
-            f"group={self.expert_group_name}"
-        )
-
-
-class DeepSpeedMoEShard(ExpertShard, _DeepSpeedMoE):
-    """An ExpertShard marked as a DeepSpeed MoE module: the form for ZeRO 0-2.
-
-    Its state dict holds one entry per local expert,
-    ``deepspeed_moe.experts.deepspeed_experts.<i>.{gate_proj,up_proj,down_proj}`` ([F, D] /
-    [D, F]), so DeepSpeed writes one checkpoint file per GLOBAL expert from every EP rank;
-    loading accepts the same keys and stacks them back.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        ExpertShard.__init__(self, *args, **kwargs)
-        self.use_residual = False
-        self.enable_expert_tensor_parallelism = False
-        self.register_state_dict_post_hook(_split_experts_hook)
-        self.register_load_state_dict_pre_hook(_stack_experts_hook)
-
-    def set_deepspeed_parallelism(self, *args: Any, **kwargs: Any) -> None:
-        """Called by the engine: the groups must already exist (``setup_expert_parallel``)."""
-        from deepspeed.utils import groups
-
-        if self.expert_group_name not in groups._get_expert_parallel_group_dict():
-            raise RuntimeError(
-                f"ExpertShard: process groups '{self.expert_group_name}' do not exist; call "
-                f"setup_expert_parallel(ep={self.ep_size}, ...) before deepspeed.initialize"
-            )
-
-
-def _split_experts_hook(module: ExpertShard, state: dict, prefix: str, _meta: Any) -> None:
-    for name in _WEIGHTS:
-        key = f"{prefix}local.{name}"
-        if key in state:
-            w = state.pop(key)
-            for i in range(w.shape[0]):
-                state[f"{prefix}{_DS_PREFIX}{i}.{name}"] = w[i]
-
-
-def _stack_experts_hook(module: ExpertShard, state: dict, prefix: str, *_: Any) -> None:
-    for name in _WEIGHTS:
-        keys = [f"{prefix}{_DS_PREFIX}{i}.{name}" for i in range(module.num_local_experts)]
-        if all(k in state for k in keys):
-            state[f"{prefix}local.{name}"] = torch.stack([state.pop(k) for k in keys])
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, DeepSeekMoE]]:
@@ -187,10 +67,10 @@ def apply_expert_parallel(
 
     Every rank must have built the model identically (same seed); with ``check_replicated`` a
     fingerprint of the full expert weights is compared over the world first (one all-gather) and
-    a mismatch raises on every rank. Expert parameters are tagged (``tag_expert_parameters``) so
-    DeepSpeed reduces their gradients over the expert-data-parallel group only. ``zero_stage``
-    is the stage the engine will run: 3 makes plain ``ExpertShard``s (partitioned over the
-    expert-data-parallel group), 0-2 ``DeepSpeedMoEShard``s.
+    a mismatch raises on every rank. The shards follow the convention of
+    :mod:`deepsuite.distributed.expert_shard` (placement, names, DeepSpeed tags). ``zero_stage``
+    is the stage the engine will run: under 3 the shards are the plain form whose parameters
+    ZeRO 3 partitions over the expert-data-parallel group, under 0-2 DeepSpeed MoE modules.
 
     Returns:
         The names of the converted layers.
@@ -205,7 +85,9 @@ def apply_expert_parallel(
             raise ValueError(f"{name}: expert parallelism is already applied")
         validate_expert_parallel(moe.n_routed_experts, dist.get_world_size(), groups.ep_size)
     if check_replicated:
-        prints = {n: [_fingerprint(getattr(m.experts, w)) for w in _WEIGHTS] for n, m in layers}
+        prints = {
+            n: [_fingerprint(getattr(m.experts, w)) for w in EXPERT_WEIGHTS] for n, m in layers
+        }
         try:
             check_same_config(prints)
         except ValueError as err:
@@ -214,48 +96,16 @@ def apply_expert_parallel(
                 f"with the same seed on every rank ({err})"
             ) from err
     for _name, moe in layers:
-        E = moe.n_routed_experts
-        L = E // groups.ep_size
-        lo = groups.ep_rank * L
-        local = moe.experts.slice_experts(lo, lo + L)
-        shard = ExpertShard if zero_stage == 3 else DeepSpeedMoEShard
-        moe.experts = shard(local, E, groups.ep_rank, groups.group_name, groups.edp_group)
-        moe.dispatcher = AllToAllDispatcher(E, groups.ep_group, sync_timing=sync_timing)
-    tag_expert_parameters(model)
+        moe.experts = shard_experts(
+            moe.experts,
+            groups.ep_size,
+            groups.ep_rank,
+            edp_group=groups.edp_group if zero_stage == 3 else None,
+        )
+        moe.dispatcher = AllToAllDispatcher(
+            moe.n_routed_experts, groups.ep_group, sync_timing=sync_timing
+        )
     return [n for n, _ in layers]
-
-
-def tag_expert_parameters(model: nn.Module) -> int:
-    """Mark every ExpertShard's parameters as experts of its EP group, for every ZeRO stage.
-
-    ZeRO 0-2 read ``allreduce=False`` and ``group_name=<ep_size_N>`` (reduce over the
-    expert-data-parallel group). ZeRO 3 also reads ``ds_zero_partition_process_group`` (the
-    group to partition over: expert-data-parallel), ``ds_zero_partition_group_name`` and
-    ``ds_zero_placement_family`` (average over the world like ZeRO 0-2, sum the grad norm over
-    the EP group); without the family, stage 3 would average expert gradients over the
-    partition group, a wrong scale. Call again after anything that replaces Parameter objects
-    (``to_empty`` from the meta device does). Returns the count.
-    """
-    n = 0
-    for name, moe in moe_layers(model):
-        shard = moe.experts
-        if not isinstance(shard, ExpertShard):
-            continue
-        zero3 = not isinstance(shard, DeepSpeedMoEShard)
-        if zero3 and shard.edp_group is None:
-            raise ValueError(
-                f"{name}.experts: a ZeRO-3 ExpertShard needs its expert-data-parallel group "
-                "(build it with apply_expert_parallel)"
-            )
-        for p in shard.parameters():
-            p.allreduce = False
-            p.group_name = shard.expert_group_name
-            if zero3:
-                p.ds_zero_placement_family = _ZERO3_EXPERT_FAMILY
-                p.ds_zero_partition_group_name = shard.expert_group_name
-                p.ds_zero_partition_process_group = shard.edp_group
-            n += 1
-    return n
 
 
 def _default_no_decay(name: str, p: nn.Parameter) -> bool:
@@ -335,12 +185,44 @@ def verify_bias_identical(model: nn.Module, group: dist.ProcessGroup | None = No
         start = stop
 
 
-def tag_summary(params: Iterable[nn.Parameter]) -> dict[str, int]:
-    """Count parameters per DeepSpeed group name ('dense' for untagged) -- for logs and tests."""
-    out: dict[str, int] = {}
-    for p in params:
-        key = (
-            getattr(p, "group_name", "dense") if getattr(p, "allreduce", True) is False else "dense"
-        )
-        out[key] = out.get(key, 0) + p.numel()
-    return out
+def _whole(t: Tensor, device: torch.device | str = "cpu") -> Tensor:
+    """A copy of ``t`` at full size on ``device``: a ZeRO-3 parameter is gathered from its
+    partitions (a collective over its partition group); anything else is copied as held."""
+    from deepspeed.runtime.zero import GatheredParameters  # a no-op for non-ZeRO-3 tensors
+
+    with GatheredParameters([t]):
+        return t.detach().to(device, copy=True)
+
+
+@torch.no_grad()
+def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The unsharded model's state dict on every rank, on the CPU: expert shards all-gathered over
+    each layer's EP group into the stacked ``<layer>.experts.<weight>`` [E, ...] of one process.
+
+    ZeRO stages 0-2 keep full parameters on every rank, so only the expert shards need a
+    collective; under ZeRO 3 every parameter is first all-gathered from its partitions
+    (DeepSpeed's ``GatheredParameters``, one parameter at a time, so at most one full tensor
+    beyond the rank's partition is alive): dense ones over the world, each rank's experts over
+    their expert-data-parallel group. Collective: call on every rank.
+    """
+    layers = moe_layers(model)
+    sharded = tuple(f"{name}.experts." for name, _ in layers)
+    state = {
+        k: _whole(v)
+        for k, v in model.state_dict(keep_vars=True).items()
+        if not k.startswith(sharded)
+    }
+    for name, moe in layers:
+        experts = moe.experts
+        for w in EXPERT_WEIGHTS:
+            if isinstance(experts, ExpertShard):
+                param = getattr(experts.local, w)
+                local = _whole(param, param.device)  # the EP all-gather runs on the device
+                group = moe.dispatcher.group
+                size = dist.get_world_size(group)
+                full = local.new_empty((size * local.shape[0], *local.shape[1:]))
+                dist.all_gather_into_tensor(full, local, group=group)
+            else:
+                full = _whole(getattr(experts, w))
+            state[f"{name}.experts.{w}"] = full.cpu()
+    return state

@@ -15,7 +15,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from deepsuite.config import Config
+from deepsuite.config import Config, expert_parallel_sizes
+from deepsuite.distributed.deepspeed_json import read_deepspeed_json, resolved_zero_stage
 from deepsuite.planner.comm import A2ATraffic, ReduceTraffic, balanced_a2a, reduce_traffic
 from deepsuite.planner.layout import HARDWARE, Hardware, Layout, ZeroSettings, validate_layout
 from deepsuite.planner.memory import (
@@ -27,7 +28,6 @@ from deepsuite.planner.memory import (
     params_on_rank,
 )
 from deepsuite.planner.params import ParamBreakdown, param_breakdown
-from deepsuite.training.deepspeed_json import read_deepspeed_json, resolved_zero_stage
 
 SHIPPED_JSON = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
 # fraction of HBM kept free for the allocator's fragmentation, comm buffers and the CUDA context
@@ -210,8 +210,8 @@ def suggestions(plan: Plan, limit: int = 3) -> list[str]:
         tries.append((label, {"zero_stage": stage}))
     if not lay.activation_checkpointing:
         tries.append(("activation checkpointing (--activation-checkpointing)", {"ckpt": True}))
-    for ep in range(lay.ep + 1, min(E, lay.world) + 1):
-        if E % ep == 0 and lay.world % ep == 0:
+    for ep in expert_parallel_sizes(E, lay.world):
+        if ep > lay.ep:
             tries.append((f"parallel.ep={ep}", {"ep": ep}))
     mb = lay.micro_batch // 2
     while mb >= 1:

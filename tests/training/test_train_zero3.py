@@ -10,6 +10,7 @@ ZeRO-3 checkpoint refuses, with a message, to be resharded to another layout.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -91,8 +92,9 @@ def test_zero3_resume_is_bit_identical(runs, tmp_path):
 
 def test_zero3_checkpoint_refuses_another_layout(runs, tmp_path):
     """Resharding a ZeRO-3 layout is not supported yet: a message naming both layouts."""
+    from deepsuite.checkpoint.convert import reshard_checkpoint
+    from deepsuite.checkpoint.full_state import read_full_state
     from deepsuite.config import ConfigError
-    from deepsuite.distributed.reshard import read_full_state, reshard_checkpoint
 
     tag = runs / "zero3" / "checkpoints" / f"step_{STEPS:08d}"
     with pytest.raises(ConfigError, match=r"saved at \{'world': 2, 'ep': 2, 'zero': 3\}"):
@@ -100,6 +102,19 @@ def test_zero3_checkpoint_refuses_another_layout(runs, tmp_path):
     with pytest.raises(ConfigError, match="to or from ZeRO 3 .*not supported yet"):
         reshard_checkpoint(tag, tmp_path / "out", ep=1)
     assert not (tmp_path / "out").exists()
+    # the trainer asked to resume it under ZeRO 1: one line on every rank before launch, exit 2
+    zero1 = ["parallel.zero_stage=1", "parallel.deepspeed_config=configs/deepspeed/zero1.json"]
+    resume = f"train.resume={runs / 'zero3' / 'checkpoints'}"
+    proc = run_train(
+        tmp_path / "z1", [*COMMON, *EP2_ZERO3[:2], *HEADS, *zero1, resume], nproc=2, check=False
+    )
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    # no traceback from a rank (torchrun prints its own for a child's non-zero exit)
+    assert not re.search(r'File ".*(/deepsuite/|train\.py)', proc.stderr), proc.stderr[-3000:]
+    said = [line for line in proc.stderr.splitlines() if line.startswith("deepsuite train:")]
+    assert len(said) == 2 and "train.resume: checkpoint" in said[0], proc.stderr[-3000:]
+    assert "'zero': 3}" in said[0] and "this run is {'world': 2, 'ep': 2, 'zero': 1}" in said[0]
+    assert not (tmp_path / "z1" / "checkpoints").exists()
 
 
 def test_zero3_bf16_keeps_the_bias_float32(tmp_path):

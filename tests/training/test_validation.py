@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from deepsuite.config import ConfigError, load_config
+from deepsuite.distributed.deepspeed_json import resolved_zero_stage
 from deepsuite.distributed.env import DistEnv
-from deepsuite.training.deepspeed_json import resolved_zero_stage
 from deepsuite.training.engine import validate_before_launch
 
 ROOT = Path(__file__).resolve().parents[2]
