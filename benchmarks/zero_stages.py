@@ -16,8 +16,11 @@ once; ours loads it (``load_hf_model``) and DeepSpeed's AutoEP wraps transformer
 DeepSpeed, as AutoEP needs); both see the same batches, and their first losses must agree
 (the same weights and the same function).
 
-Both parts use a 5e5-element gradient-reduction bucket (DeepSpeed's default, 5e8 elements, is a
-2 GB buffer here that would hide every difference).
+DeepSpeed's buffer sizes are scaled down to the model as they are small next to a real one:
+a 5e5-element gradient-reduction bucket (the default, 5e8 elements, is a 2 GB buffer here that
+would hide every difference) and, under ZeRO 3, 5e5-element prefetch, live-parameter and reuse
+limits with a 1e4-element persistence threshold (the defaults, 5e7 to 1e9 elements, would keep
+this whole model gathered through forward and backward, as they keep a few of V3's blocks).
 
     .venv/bin/python benchmarks/zero_stages.py                 # ~10 min on 2 cores
     .venv/bin/python benchmarks/zero_stages.py --steps 4 --stages 1,3 --shapes wide --no-peer
@@ -35,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 BUCKET = 500_000
+PERSIST = 10_000
 VOCAB = 257
 # name -> (config overrides, micro-batch, sequence length). "tiny": the tiny config, where the
 # activations and DeepSpeed's buffers outweigh the model states; "wide": the same blocks 3x wider
@@ -67,6 +71,19 @@ def _tiny(stage: int, world: int, shape: str = "tiny"):
             *extra,
         ],
     )
+
+
+def _zero_section(stage: int) -> dict:
+    """The shipped JSON's zero_optimization with DeepSpeed's buffers scaled to this model."""
+    zero = {**_read_json(stage)["zero_optimization"], "reduce_bucket_size": BUCKET}
+    if stage == 3:
+        zero.update(
+            stage3_prefetch_bucket_size=BUCKET,
+            stage3_max_live_parameters=BUCKET,
+            stage3_max_reuse_distance=BUCKET,
+            stage3_param_persistence_threshold=PERSIST,
+        )
+    return zero
 
 
 def _batches(cfg, rank: int, n: int):
@@ -138,7 +155,7 @@ def ours_worker(
         model = DeepSeekLM(cfg)
     apply_expert_parallel(model, groups, zero_stage=stage)
     ds = deepspeed_config(cfg, 1)
-    ds["zero_optimization"]["reduce_bucket_size"] = BUCKET
+    ds["zero_optimization"] = _zero_section(stage)
     engine = build_engine(cfg, model, ds)
     return _run(
         engine,
@@ -167,10 +184,7 @@ def autoep_worker(rank: int, world: int, stage: int, steps: int, hf_dir: str) ->
         "train_batch_size": cfg.train.global_batch_size,
         "gradient_clipping": o.grad_clip,
         "steps_per_print": 10**9,
-        "zero_optimization": {
-            **_read_json(stage)["zero_optimization"],
-            "reduce_bucket_size": BUCKET,
-        },
+        "zero_optimization": _zero_section(stage),
         # AutoEP replaces the MoE layers inside initialize, so the optimizer must be built after
         # it (a client optimizer holds the replaced parameters): DeepSpeed's, on torch's AdamW
         "optimizer": {
@@ -231,6 +245,10 @@ def _plan_peak(cfg, stage: int, world: int) -> float:
     from deepsuite.planner.plan import peak_memory, zero_settings_of
 
     zero = dataclasses.replace(zero_settings_of(cfg, stage), reduce_bucket_size=BUCKET)
+    if stage == 3:
+        zero = dataclasses.replace(
+            zero, prefetch_bucket_size=BUCKET, param_persistence_threshold=PERSIST
+        )
     t = cfg.train
     lay = Layout(1, world, 2, stage, t.micro_batch_size, cfg.data.seq_len,
                  t.global_batch_size, "fp32", zero=zero)  # fmt: skip
@@ -262,6 +280,11 @@ def main(argv: list[str] | None = None) -> int:
             f" (dim {cfg.model.dim}, {pb.all_dense / 1e6:.2f}M dense + {pb.all_experts / 1e6:.2f}M "
             f"expert parameters), fp32, micro-batch {cfg.train.micro_batch_size} x "
             f"{cfg.data.seq_len} per rank, {a.steps} timed steps, reduction bucket {BUCKET:.0e}"
+            + (
+                f", ZeRO-3 prefetch/live/reuse {BUCKET:.0e}, persistence {PERSIST:.0e}"
+                if 3 in stages
+                else ""
+            )
         )
         print("| ours | tokens/s | vs first | peak per rank (measured) | vs first | planner |")
         print("|---|---|---|---|---|---|")
