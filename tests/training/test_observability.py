@@ -3,10 +3,10 @@ from a real run's jsonl, and a run without wandb importable."""
 
 from __future__ import annotations
 
-import re
 import struct
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -91,7 +91,9 @@ def test_wandb_offline_holds_what_the_jsonl_holds(tmp_path):
 def _check_workspace(run_dir, run):
     """The workspace `deepsuite workspace` would save: every panel names keys this run sent to
     wandb, and what wandb's workspace API would upload parses back into the same workspace."""
-    from wandb_workspaces.workspaces import Workspace, internal
+    with warnings.catch_warnings():  # its pydantic-v1-style validators warn on import
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from wandb_workspaces.workspaces import Workspace, internal
 
     from deepsuite.training.wandb_workspace import build_workspace, workspace_sections
 
@@ -147,6 +149,7 @@ def test_balancing_shows_in_metrics_plots_and_alerts(tmp_path):
     late, alerts = {}, {}
     for gamma in (0.0, 0.02):
         run_dir = tmp_path / f"gamma{gamma}"
+        wandb = ["logging.wandb=offline"] if gamma == 0 else []  # where alerts are to be read
         proc = run_train(
             run_dir,
             [
@@ -157,15 +160,19 @@ def test_balancing_shows_in_metrics_plots_and_alerts(tmp_path):
                 "logging.moe_every=5",
                 f"moe.bias_update_speed={gamma}",
                 "train.export_final=false",
-                "logging.wandb=offline",
+                *wandb,
                 *ALERTS,
             ],
             nproc=1,
             extra_env={"WANDB_DIR": str(tmp_path / f"wandb{gamma}")},
         )
         console = [ln for ln in proc.stderr.splitlines() if ln.startswith("deepsuite WARNING")]
-        alerts[gamma] = read_offline_run(tmp_path / f"wandb{gamma}").alerts
-        assert [a["text"] for a in alerts[gamma]] == [ln.split(" ", 2)[2] for ln in console]
+        alerts[gamma] = [ln.split(" ", 2)[2] for ln in console]
+        if wandb:  # the same alerts reach wandb
+            sent = read_offline_run(tmp_path / f"wandb{gamma}").alerts
+            assert [a["text"] for a in sent] == alerts[gamma]
+            assert {a["level"] for a in sent} == {"WARN"}
+            assert all(a["title"].startswith("MoE layer") for a in sent)
         series = [r["moe/max_vio_global"] for r in metrics(run_dir) if "moe/max_vio_global" in r]
         late[gamma] = sum(series[-3:]) / 3
         out = subprocess.run(
@@ -188,14 +195,12 @@ def test_balancing_shows_in_metrics_plots_and_alerts(tmp_path):
     assert late[0.0] > 1.5, late
     assert late[0.0] > 3 * late[0.02], late
     assert alerts[0.02] == []
-    kinds = [(a["title"], a["text"].split(":")[0]) for a in alerts[0.0]]
-    assert any("imbalanced" in t for t, _ in kinds) and any("dead" in t for t, _ in kinds)
-    assert all(int(step.split()[1]) > 20 for _, step in kinds)  # nothing in the warm-up
-    imbalanced = [t for t, _ in kinds if "imbalanced" in t]
+    steps = [int(text.split(":")[0].split()[1]) for text in alerts[0.0]]
+    assert min(steps) > 20  # nothing in the warm-up
+    imbalanced = [t.split(":")[1] for t in alerts[0.0] if "alert_max_vio=2.5" in t]
+    dead = [t for t in alerts[0.0] if "received no token for 10+ steps" in t]
+    assert imbalanced and dead and len(imbalanced) + len(dead) == len(alerts[0.0])
     assert len(imbalanced) == len(set(imbalanced))  # once per layer: it never recovered
-    for a in alerts[0.0]:
-        assert a["level"] == "WARN"
-        assert re.search(r"logging\.alert_(dead_steps=10|max_vio=2\.5)", a["text"]), a["text"]
 
 
 def test_training_runs_without_wandb_installed(tmp_path):
