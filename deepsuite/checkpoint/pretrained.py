@@ -99,9 +99,11 @@ def _tokenizer_in(*dirs: Path) -> str | None:
 
 
 def _run_tokenizer(cfg: Config, *dirs: Path) -> str | None:
-    """A deepsuite run's tokenizer: the tokenizer.json it saved, else 'byte' when it used that."""
+    """A deepsuite run's tokenizer: the tokenizer.json it saved, else 'byte' when it used that
+    (the config says so and the vocabulary is the byte tokenizer's: a converted checkpoint's
+    config.yaml says 'byte' by default whatever its weights were trained with)."""
     found = _tokenizer_in(*dirs)
-    if found is None and cfg.data.tokenizer == "byte":
+    if found is None and cfg.data.tokenizer == "byte" and cfg.model.vocab_size == 257:
         return "byte"
     return found
 

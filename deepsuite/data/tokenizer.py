@@ -180,8 +180,10 @@ def load_hf_tokenizer(path: str | Path) -> HFTokenizer:
     file = p if p.is_file() else p / "tokenizer.json"
     template, special = _tokenizer_config(file.parent)
     if file.is_file():
-        text = file.read_text(encoding="utf-8")
-        tok = RustTokenizer.from_str(text)
+        # fingerprint the library's own serialisation, not the file's formatting, so a copy
+        # saved by HFTokenizer.save (a run's RUN_DIR/tokenizer.json) keys the same token cache
+        tok = RustTokenizer.from_str(file.read_text(encoding="utf-8"))
+        text = tok.to_str()
     elif p.is_dir():
         from transformers import AutoTokenizer
 

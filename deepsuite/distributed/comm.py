@@ -40,6 +40,10 @@ def raise_on_every_rank(err: ValueError | None, group: ProcessGroup | None = Non
     own experts from a checkpoint): when any rank failed, every rank raises (the failing ranks
     their own error, the others a ValueError with the lowest failing rank's message), so no rank
     walks on into a collective the others never reach."""
+    if not dist.is_initialized():  # one process: nobody else to tell
+        if err is not None:
+            raise err
+        return
     errors: list[str | None] = [None] * dist.get_world_size(group)
     dist.all_gather_object(errors, None if err is None else str(err), group=group)
     if err is not None:

@@ -8,7 +8,8 @@ collective could hang.
 ``train.init_from``: the architecture keys the config leaves at their default are the
 checkpoint's and the others must equal it; ``data.tokenizer`` left at its default ("byte")
 becomes the tokenizer saved beside the checkpoint. Its weights replace the random initialisation
-only when the run has no checkpoint of its own to resume: a resumed run reads its own.
+only when the run has no checkpoint of its own to resume: a resumed run reads its own (and
+needs the source no more: when it is gone, the architecture comes from that checkpoint).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 
+from deepsuite.checkpoint.layout import find_resumable
 from deepsuite.checkpoint.pretrained import (
     PretrainedError,
     PretrainedSource,
@@ -67,7 +69,15 @@ def resolve_init_from(cfg: Config) -> tuple[Config, PretrainedSource | None]:
     docstring), and the checkpoint found; reads configs only. Raises PretrainedError."""
     if not cfg.train.init_from:
         return cfg, None
-    src = find_pretrained(cfg.train.init_from)
+    own = Path(cfg.train.run_dir) / "checkpoints"
+    if (
+        not Path(cfg.train.init_from).exists()
+        and cfg.train.resume == "auto"
+        and find_resumable(own) is not None
+    ):  # the source is gone, but the run resumes from its own checkpoint: same architecture
+        src = find_pretrained(own)
+    else:
+        src = find_pretrained(cfg.train.init_from)
     cfg = apply_pretrained_architecture(cfg, src, "train.init_from")
     if cfg.data.tokenizer == "byte" and src.tokenizer != "byte":
         if src.tokenizer is None:
