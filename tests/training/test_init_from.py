@@ -174,3 +174,52 @@ def test_cli_errors_are_one_line(tiny_v3, tmp_path, capsys):
         .splitlines()[-1]
         .startswith("deepsuite generate: error: max_new_tokens=1000: prompt 0 has")
     )
+
+
+def _build_run_worker(rank: int, world: int, runs: list[list[str]]) -> list[dict]:
+    """The trainer's own build path (train/train.py calls it) at EP 2, once per override list;
+    this rank's first micro-batch and the logits of the initialised model on it."""
+    from deepsuite.data.loader import model_inputs
+    from deepsuite.training.engine import build_run
+
+    out = []
+    for overrides in runs:
+        parts = build_run(load_config(FINETUNE, overrides))
+        batch = next(parts.train_loader)
+        with torch.no_grad():
+            logits = parts.model(**model_inputs(batch, "cpu", True)).logits
+        experts = {m.experts.local.first_expert for m in parts.model.moe_layers()}
+        out.append({"batch": batch, "logits": logits, "experts": experts})
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_init_from_at_ep2_gives_transformers_logits(tiny_v3, tiny_v2, sft_jsonl, tmp_path):
+    """train.init_from at EP 2 on 2 gloo ranks, from a V3 checkpoint (groups, YaRN, nonzero
+    bias) and a V2 one (softmax, no bias): the initialised, sharded model's logits on each
+    rank's first batch equal transformers' on the same rows (document mask made causal, the
+    same positions) within 1e-4 (fp32; observed ~3e-6)."""
+    transformers = pytest.importorskip("transformers")
+    from tests.distributed.launch import run_ranks
+
+    paths = [tiny_v3, tiny_v2]
+    runs = [
+        [
+            f"train.init_from={p}", f"data.source={sft_jsonl}", f"train.run_dir={tmp_path / p.name}",
+            f"parallel.deepspeed_config={ROOT / 'configs/deepspeed/zero1.json'}",
+        ]
+        for p in paths
+    ]  # fmt: skip
+    out = run_ranks(_build_run_worker, 2, runs, init=None, timeout_s=600, pg_timeout_s=300)
+    for i, path in enumerate(paths):
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+        assert [r[i]["experts"] for r in out] == [{0}, {4}]  # each rank: half of the 8 experts
+        for r in (ranks[i] for ranks in out):
+            ids, docs = r["batch"]["input_ids"], r["batch"]["doc_ids"]
+            S = ids.shape[1]
+            causal = torch.ones(S, S, dtype=torch.bool).tril()
+            mask = (docs[:, :, None] == docs[:, None, :]).unsqueeze(1) & causal
+            with torch.no_grad():
+                ref = hf(ids, attention_mask=mask, position_ids=r["batch"]["position_ids"]).logits
+            assert (r["logits"] - ref).abs().max().item() <= 1e-4, path.name
