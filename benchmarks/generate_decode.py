@@ -5,8 +5,10 @@ Two random DeepSeek-V3 models written by transformers itself (``scripts/make_tin
 "tiny" (the README's fine-tuning model, dim 64, C 32 + R 8) and "larger" (dim 1024, 16 heads,
 DeepSeek-V3's per-head dims C 512, R 64, N 128, V 128, 4 blocks, 16 experts top-2). Ours loads
 the saved checkpoint (``load_pretrained``), so both run identical weights. For each: B prompts of
-``--context`` tokens, greedy; decode time = time(``1 + --new`` new tokens) - time(1 new token),
-so prefill is not counted; tokens/s = B * --new / decode time (median of ``--repeats``).
+``--context`` tokens, greedy, ``1 + --new`` new tokens; each token's emission is timestamped
+(ours: ``on_step``; transformers: a ``streamer``), and decode time is from the first new token
+(which ends the prefill) to the last, so prefill is not counted; tokens/s = B * --new / decode
+time (median of ``--repeats``).
 
 Cache bytes per token are MEASURED from the caches after the prefill (bytes held / (B * context)):
 ours must equal n_layers * (C + R) * itemsize (docs/formulas.md) or the script exits 1. The
@@ -47,15 +49,6 @@ def _script():
     return mod
 
 
-def _median(fn, repeats: int) -> float:
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return sorted(ts)[len(ts) // 2]
-
-
 def _hf_cache_bytes(past) -> int:
     """Bytes in a transformers cache (5.x DynamicCache layers, or legacy tuples)."""
     layers = getattr(past, "layers", None)
@@ -75,23 +68,40 @@ def bench(name: str, path: Path, a: argparse.Namespace) -> dict:
     ids = torch.randint(1, V, (a.batch, a.context), generator=g).to(a.device)
     prompts = ids.tolist()
 
-    def run_ours(n: int) -> list[list[int]]:
-        return generate(ours, prompts, SamplingConfig(max_new_tokens=n, temperature=0))
+    n = a.new + 1
 
-    def run_hf(n: int) -> list[list[int]]:
+    def run_ours() -> tuple[list[list[int]], float]:
+        stamps: list[float] = []
+        out = generate(
+            ours, prompts, SamplingConfig(max_new_tokens=n, temperature=0),
+            on_step=lambda _new: stamps.append(time.perf_counter()),
+        )  # fmt: skip
+        return out, stamps[-1] - stamps[0]
+
+    class Stamps:  # transformers' streamer protocol: put(prompt), put(token) per step, end()
+        def __init__(self) -> None:
+            self.t: list[float] = []
+
+        def put(self, _value) -> None:
+            self.t.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    def run_hf() -> tuple[list[list[int]], float]:
+        st = Stamps()
         with torch.no_grad():
             out = hf.generate(
                 input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None,
+                min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None, streamer=st,
             )  # fmt: skip
-        return out[:, a.context :].tolist()
+        return out[:, a.context :].tolist(), st.t[-1] - st.t[1]  # t[0]: the prompt
 
-    same = run_ours(a.new + 1) == run_hf(a.new + 1)  # also warms both up
-    times = {}
-    for who, fn in (("deepsuite", run_ours), ("transformers", run_hf)):
-        full = _median(lambda fn=fn: fn(a.new + 1), a.repeats)
-        first = _median(lambda fn=fn: fn(1), a.repeats)
-        times[who] = max(full - first, 1e-9)
+    same = run_ours()[0] == run_hf()[0]  # also warms both up
+    times = {
+        who: sorted(fn()[1] for _ in range(a.repeats))[a.repeats // 2]
+        for who, fn in (("deepsuite", run_ours), ("transformers", run_hf))
+    }
     caches = ours.new_caches(a.batch, a.context)
     with torch.no_grad():
         ours.forward_cached(ids, caches, 0)
