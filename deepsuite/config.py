@@ -322,6 +322,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _one_of("data.format", self.format, ["text", "sft"])
+        for name in ("text_field", "prompt_field", "completion_field", "messages_field"):
+            _check(bool(getattr(self, name)), f"data.{name}", "a column name", getattr(self, name))
         _positive("data", self, "seq_len", "bpe_vocab_size", "num_proc")
         _non_negative("data", self, "max_documents")
         _check(
