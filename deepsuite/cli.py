@@ -7,6 +7,8 @@ deepsuite summary RUN_DIR                   load balance per layer, worst expert
 deepsuite workspace RUN_DIR --entity E --project P --save   the load-balance wandb workspace
 deepsuite plan CONFIG --nodes N --gpus-per-node G   memory / FLOPs / all-to-all per GPU
 deepsuite convert ...                       Hugging Face DeepSeek-V2/V3 <-> deepsuite
+deepsuite eval PATH --data SOURCE           loss, perplexity, expert load (any ranks, any EP)
+deepsuite generate PATH --prompt TEXT       greedy or sampled text from a checkpoint, streamed
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "reshard_main",
         "re-split a checkpoint to another EP size",
     ),
+    "eval": ("deepsuite.training.evaluate", "eval_main", "loss / perplexity / load on a dataset"),
+    "generate": ("deepsuite.cli", "generate_main", "generate text from a checkpoint"),
 }
 
 
@@ -52,6 +56,106 @@ def params_main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     vocab = args.vocab_size or cfg.model.vocab_size or 257
     print(f"{cfg.name}: {count_parameters(cfg, vocab_size=vocab)}")
+    return 0
+
+
+def _generate_args(argv: list[str] | None):
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="deepsuite generate",
+        description="Generate text from a Hugging Face DeepSeek dir, a deepsuite export or run, "
+        "with MLA's latent KV cache (greedy at --temperature 0).",
+    )
+    p.add_argument("path")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0: off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    p.add_argument("--tokenizer", default=None, help="default: the one saved beside PATH")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--ids", action="store_true", help="print the new token ids, not text")
+    return p.parse_args(argv)
+
+
+class _Stream:
+    """Prints one row's completion as it grows (decoding the whole completion each time, so
+    byte-level pieces of one character print together)."""
+
+    def __init__(self, tok, eos: int) -> None:
+        self.tok, self.eos, self.ids, self.shown = tok, eos, [], ""
+
+    def __call__(self, new: list[int | None]) -> None:
+        if new[0] is None or new[0] == self.eos:
+            return
+        self.ids.append(new[0])
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):  # an unfinished UTF-8 sequence: wait for its next bytes
+            return
+        print(text[len(self.shown) :], end="", flush=True)
+        self.shown = text
+
+
+def generate_main(argv: list[str] | None = None) -> int:
+    """``deepsuite generate``: bad input ends in one line on stderr and exit status 2."""
+    import torch
+
+    from deepsuite.checkpoint.pretrained import load_pretrained
+    from deepsuite.data import ByteTokenizer, load_hf_tokenizer
+    from deepsuite.data.tokenizer import render_chat
+    from deepsuite.models.generate import SamplingConfig, generate
+
+    args = _generate_args(argv)
+    try:
+        sampling = SamplingConfig(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+        src, model = load_pretrained(args.path, dtype=dtype)
+        spec = args.tokenizer or src.tokenizer
+        if spec is None:
+            raise ValueError(f"--tokenizer: {args.path} has no tokenizer.json beside it; name one")
+        tok = ByteTokenizer() if spec == "byte" else load_hf_tokenizer(spec)
+        if tok.vocab_size > model.args.model.vocab_size:
+            raise ValueError(
+                f"--tokenizer: {spec} has {tok.vocab_size} tokens, more than the model's "
+                f"vocabulary (model.vocab_size={model.args.model.vocab_size})"
+            )
+        texts = [
+            render_chat(tok, [{"role": "user", "content": p}], add_generation_prompt=True)
+            if args.chat
+            else p
+            for p in args.prompt
+        ]
+        # every document the data pipeline packs opens with the separator: so does a prompt
+        prompts = [[tok.eos_id, *tok.encode(t)] for t in texts]
+        sampling = SamplingConfig(**{**sampling.__dict__, "eos_id": tok.eos_id})
+        stream = len(prompts) == 1 and not args.ids
+        out = generate(
+            model,
+            prompts,
+            sampling,
+            pad_id=tok.eos_id,
+            on_step=_Stream(tok, tok.eos_id) if stream else None,
+        )
+    except (ValueError, FileNotFoundError) as err:
+        print(f"deepsuite generate: error: {err}", file=sys.stderr, flush=True)
+        return 2
+    if stream:
+        print(flush=True)
+        return 0
+    for i, ids in enumerate(out):
+        body = (
+            " ".join(map(str, ids)) if args.ids else tok.decode([t for t in ids if t != tok.eos_id])
+        )
+        print(body if len(out) == 1 else f"[{i}] {body}", flush=True)
     return 0
 
 

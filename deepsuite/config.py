@@ -313,8 +313,17 @@ class DataConfig:
     # packed documents attend only within themselves and their positions restart at each one
     # (Megatron's --reset-attention-mask --reset-position-ids); off: plain causal over the row
     document_masking: bool = False
+    # "text": every token of every document is a target (pre-training); "sft": json/jsonl records
+    # of prompt/completion or chat messages, the loss on completion (assistant) tokens only
+    format: str = "text"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    messages_field: str = "messages"
 
     def __post_init__(self) -> None:
+        _one_of("data.format", self.format, ["text", "sft"])
+        for name in ("text_field", "prompt_field", "completion_field", "messages_field"):
+            _check(bool(getattr(self, name)), f"data.{name}", "a column name", getattr(self, name))
         _positive("data", self, "seq_len", "bpe_vocab_size", "num_proc")
         _non_negative("data", self, "max_documents")
         _check(
@@ -382,6 +391,10 @@ class TrainConfig:
     )
     # "full": keep only each block's input, recompute the block (all-to-all included) in backward
     activation_checkpointing: str = "none"
+    # start from these weights (a Hugging Face DeepSeek-V2/V3 directory, a deepsuite export or
+    # run): the architecture keys left at their default are taken from it, the others must match;
+    # read only when the run has no checkpoint of its own to resume
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         _positive("train", self, "steps", "micro_batch_size", "global_batch_size", "keep_last")

@@ -29,7 +29,7 @@ ALLOWED: dict[str, set[str]] = {
         "plotting",
     },
     "cli": {
-        "config", "models", "training", "plotting", "summary", "planner", "checkpoint",
+        "config", "models", "training", "plotting", "summary", "planner", "checkpoint", "data",
     },
 }  # fmt: skip
 # the model definition itself: layers and its config only (parallelism is applied from outside)

@@ -42,3 +42,12 @@ def test_mfu_cpu_smoke_reports_both_modes():
     out = _run("benchmarks/mfu.py", "--device", "cpu", "--dtype", "fp32", "--tiny")
     assert "ours (auto)" in out and "dense floor" in out, out
     assert "MFU" in out, out
+
+
+def test_generate_decode_prints_both_and_agrees():
+    out = _run(
+        "benchmarks/generate_decode.py", "--models", "tiny", "--context", "32", "--new", "3",
+        "--repeats", "1", "--threads", "1",
+    )  # fmt: skip
+    row = next(ln for ln in out.splitlines() if ln.startswith("| tiny"))
+    assert row.rstrip().endswith("| yes |"), out  # the same greedy tokens as transformers

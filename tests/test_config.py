@@ -51,6 +51,7 @@ def test_shipped_configs_load(path):
         (["train.global_batch_size=12", "train.micro_batch_size=8"], "train.global_batch_size"),
         (["parallel.zero_stage=4"], "parallel.zero_stage"),
         (["logging.wandb=maybe"], "logging.wandb"),
+        (['data.prompt_field=""'], "data.prompt_field: expected a column name, got ''"),
         (["train.steps"], "key.sub=value"),
     ],
 )

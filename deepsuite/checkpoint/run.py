@@ -25,7 +25,7 @@ from deepsuite.checkpoint.load import load_any_layout
 from deepsuite.distributed.comm import guard_collectives
 from deepsuite.distributed.expert_parallel import verify_bias_identical
 
-__all__ = ["TrainerState", "check_resume_layout", "resume_run", "save_run"]
+__all__ = ["TrainerState", "check_resume_layout", "resume_run", "save_run", "will_resume"]
 
 
 @dataclass
@@ -116,6 +116,22 @@ def check_resume_layout(resume: str, run_ckpt_dir: Path, here: dict[str, int]) -
         refuse_zero3(tag_dir, saved, here, key="train.resume")
 
 
+def _resume_tag(resume: str, run_ckpt_dir: Path) -> tuple[Path, str | None]:
+    """(checkpoints directory, its newest complete tag as rank 0 sees it, on every rank)."""
+    ckpt_dir = Path(resume) if resume != "auto" else run_ckpt_dir
+    tag = [layout.find_resumable(ckpt_dir) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(tag, src=0)
+    return ckpt_dir, tag[0]
+
+
+def will_resume(resume: str, run_ckpt_dir: Path) -> bool:
+    """Whether :func:`resume_run` will load a checkpoint (same answer on every rank): a run that
+    started from ``train.init_from`` resumes from its own checkpoints, not from the source."""
+    return resume != "never" and (
+        resume != "auto" or _resume_tag(resume, run_ckpt_dir)[1] is not None
+    )
+
+
 def resume_run(
     engine: Any, model: nn.Module, resume: str, run_ckpt_dir: Path, *, rank: int
 ) -> TrainerState | None:
@@ -127,16 +143,14 @@ def resume_run(
     """
     if resume == "never":
         return None
-    ckpt_dir = Path(resume) if resume != "auto" else run_ckpt_dir
-    tag = [layout.find_resumable(ckpt_dir) if rank == 0 else None]
-    dist.broadcast_object_list(tag, src=0)
-    if tag[0] is None:
+    ckpt_dir, tag = _resume_tag(resume, run_ckpt_dir)
+    if tag is None:
         if resume != "auto":
             raise ValueError(f"train.resume: no complete checkpoint under {ckpt_dir}")
         return None
-    tag_dir = ckpt_dir / tag[0]
+    tag_dir = ckpt_dir / tag
     # any EP / world / ZeRO layout: native load when it matches, else resharded on load
-    load_any_layout(engine, model, ckpt_dir, tag[0])
+    load_any_layout(engine, model, ckpt_dir, tag)
     state = TrainerState.from_dict(layout.read_trainer_state(tag_dir))
     layout.load_rank_state(tag_dir, rank)
     verify_bias_identical(model)

@@ -109,6 +109,8 @@ def corpus_key(cfg: Any) -> dict[str, Any]:
         "max_documents": int(cfg.max_documents),
         "val_fraction": float(cfg.val_fraction),
     }
+    if cfg.format != "text":  # fine-tuning records: which fields make prompt and completion
+        key["format"] = [cfg.format, cfg.prompt_field, cfg.completion_field, cfg.messages_field]
     if cfg.source == "builtin":
         key["builtin_parts"] = list(cfg.builtin_parts)
         key["python"] = [sys.version, sysconfig.get_paths()["stdlib"]]
@@ -130,7 +132,7 @@ def is_val_index(i: int, val_fraction: float) -> bool:
     return math.floor((i + 1) * val_fraction) > math.floor(i * val_fraction)
 
 
-def _raw_dataset(cfg: Any, streaming: bool, hf_cache: str) -> Any:
+def raw_dataset(cfg: Any, streaming: bool, hf_cache: str) -> Any:
     import datasets
 
     if cfg.source == "builtin":
@@ -172,7 +174,7 @@ def load_documents(cfg: Any, split: str, *, streaming: bool, hf_cache: str) -> A
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    ds = _raw_dataset(cfg, streaming, hf_cache)
+    ds = raw_dataset(cfg, streaming, hf_cache)
     field = "text" if cfg.source == "builtin" else cfg.text_field
     names = ds.column_names
     if names is not None and field not in names:

@@ -14,6 +14,9 @@ epoch])``; streaming and validation keep stream order). Global micro-batch i is 
 with micro-batch B see exactly what one process with micro-batch B*W sees. A global batch may span
 an epoch boundary. The resume state is the number of global rows consumed, identical on every rank.
 
+Fine-tuning records (``data.format: sft``) pack the same way; a label whose token is not a
+target (a prompt token) is IGNORE_INDEX, so only completion tokens carry loss and gradient.
+
 Streaming reads the whole stream on every rank and keeps its own rows: this costs W-fold
 tokenisation but preserves the global order exactly (what ``split_dataset_by_node`` cannot).
 Validation iterates a fixed pass over its rows, dropping the final incomplete global batch.
@@ -33,9 +36,11 @@ from deepsuite.data.pipeline import (
     _hf_cache,
     resolve_cache_dir,
     stream_key,
+    target_mask,
     token_stream,
     tokenize_documents,
 )
+from deepsuite.data.sft import IGNORE_INDEX
 from deepsuite.data.tokenizer import Tokenizer
 
 STATE_VERSION = 1
@@ -54,12 +59,18 @@ def position_ids_from_docs(doc_BS: np.ndarray) -> np.ndarray:
     return (idx - run_start).astype(np.int64)
 
 
-def make_batch(tok_BS1: np.ndarray, doc_BS1: np.ndarray) -> dict[str, torch.Tensor]:
-    """Rows of S+1 tokens (and their doc ids) -> input_ids, labels, position_ids, doc_ids [B, S]."""
+def make_batch(
+    tok_BS1: np.ndarray, doc_BS1: np.ndarray, target_BS1: np.ndarray | None = None
+) -> dict[str, torch.Tensor]:
+    """Rows of S+1 tokens (and their doc ids, and optionally their target flags) -> input_ids,
+    labels, position_ids, doc_ids [B, S]; a label whose token is not a target is IGNORE_INDEX."""
     doc_BS = np.ascontiguousarray(doc_BS1[:, :-1], dtype=np.int64)
+    labels_BS = np.ascontiguousarray(tok_BS1[:, 1:], dtype=np.int64)
+    if target_BS1 is not None:
+        labels_BS = np.where(target_BS1[:, 1:] != 0, labels_BS, IGNORE_INDEX)
     return {
         "input_ids": torch.from_numpy(np.ascontiguousarray(tok_BS1[:, :-1], dtype=np.int64)),
-        "labels": torch.from_numpy(np.ascontiguousarray(tok_BS1[:, 1:], dtype=np.int64)),
+        "labels": torch.from_numpy(labels_BS),
         "position_ids": torch.from_numpy(position_ids_from_docs(doc_BS)),
         "doc_ids": torch.from_numpy(doc_BS),
     }
@@ -152,6 +163,7 @@ class PackedLoader:
                 self.rows_per_epoch = sum(1 for _ in self._epoch_rows())
         else:
             self._tokens, self._starts = token_stream(cfg, tokenizer, split, self.cache_dir)
+            self._targets = target_mask(cfg, tokenizer, split, self.cache_dir)
             self.rows_per_epoch = max(0, (len(self._tokens) - 1) // self.seq_len)
             if self.rows_per_epoch == 0:
                 raise ValueError(self._too_short_msg())
@@ -200,8 +212,8 @@ class PackedLoader:
                 count += 1
             self.rows_per_epoch = count
 
-    def _row(self, g: int) -> tuple[np.ndarray, np.ndarray]:
-        """Non-streaming: global row ``g`` as (tokens_S1, docs_S1)."""
+    def _row(self, g: int) -> tuple[np.ndarray, ...]:
+        """Non-streaming: global row ``g`` as (tokens_S1, docs_S1[, targets_S1])."""
         assert self.rows_per_epoch is not None
         epoch, k = divmod(g, self.rows_per_epoch)
         if self.shuffle:
@@ -212,7 +224,9 @@ class PackedLoader:
         a = k * self.seq_len
         toks = np.asarray(self._tokens[a : a + self.seq_len + 1])
         docs = np.searchsorted(self._starts, np.arange(a, a + self.seq_len + 1), side="right") - 1
-        return toks, docs
+        if self._targets is None:
+            return toks, docs
+        return toks, docs, np.asarray(self._targets[a : a + self.seq_len + 1])
 
     def _global_batch_rows(
         self, g0: int, gen: Iterator | None
@@ -225,8 +239,9 @@ class PackedLoader:
         return rows[lo : lo + self.B]
 
     @staticmethod
-    def _stack(rows: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
-        return make_batch(np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]))
+    def _stack(rows: list[tuple[np.ndarray, ...]]) -> dict[str, torch.Tensor]:
+        targets = np.stack([r[2] for r in rows]) if len(rows[0]) > 2 else None
+        return make_batch(np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]), targets)
 
     # ---- iteration ------------------------------------------------------------------------
     def __len__(self) -> int:

@@ -83,6 +83,23 @@ def validate_data_config(
         isinstance(cfg.text_field, str) and cfg.text_field != "",
         f"data.text_field must be a non-empty str, got {cfg.text_field!r}",
     )
+    need(cfg.format in ("text", "sft"), f"data.format must be 'text' or 'sft', got {cfg.format!r}")
+    if cfg.format == "sft":
+        need(
+            cfg.source != "builtin",
+            "data.source: data.format=sft needs json/jsonl records of prompt/completion or "
+            "messages, not the built-in corpus",
+        )
+        need(
+            not cfg.streaming,
+            "data.streaming: expected false with data.format=sft (fine-tuning records are "
+            "tokenised once and cached)",
+        )
+        need(
+            bool(cfg.document_masking),
+            "data.document_masking: expected true with data.format=sft (packed examples must "
+            "not attend to each other)",
+        )
     tok = cfg.tokenizer
     need(
         tok in ("byte", "bpe") or (isinstance(tok, str) and os.path.exists(tok)),
@@ -169,41 +186,72 @@ def stream_key(cfg: Any, tok: Tokenizer) -> str:
     return key_hash({"v": STREAM_VERSION, "corpus": corpus_key(cfg), "tok": tok.fingerprint})
 
 
+def _stream_dir(cfg: Any, tok: Tokenizer, cache_dir: str | Path) -> Path:
+    return Path(cache_dir) / f"stream-{stream_key(cfg, tok)}"
+
+
+def _split_ids(cfg: Any, tok: Tokenizer, split: str, cdir: Path) -> Any:
+    """The split's documents as an ``ids`` column (and ``mask`` for fine-tuning records)."""
+    if cfg.format == "sft":
+        from deepsuite.data.sft import load_records, tokenize_records
+
+        return tokenize_records(load_records(cfg, split, hf_cache=_hf_cache(cdir)), tok, cfg)
+    docs = load_documents(cfg, split, streaming=False, hf_cache=_hf_cache(cdir))
+    return tokenize_documents(docs, tok, int(cfg.num_proc)) if len(docs) else docs
+
+
 def token_stream(
     cfg: Any, tok: Tokenizer, split: str, cache_dir: str | Path
 ) -> tuple[np.ndarray, np.ndarray]:
     """The split's token stream ``tokens_N`` (int32) and document start offsets ``starts_M`` (int64).
 
     Built with ``datasets`` on first use, then memory-mapped from the cache (atomic writes, so
-    ranks building concurrently are safe). Raises ``ValueError`` when the split has no documents.
+    ranks building concurrently are safe). With ``data.format: sft`` a third file holds each
+    token's target flag (:func:`target_mask`). Raises ``ValueError`` when the split has no
+    documents.
     """
     cdir = Path(cache_dir)
-    d = cdir / f"stream-{stream_key(cfg, tok)}"
+    d = _stream_dir(cfg, tok, cdir)
     tok_file, start_file = d / f"{split}.tokens.npy", d / f"{split}.starts.npy"
-    if not (tok_file.is_file() and start_file.is_file()):
-        docs = load_documents(cfg, split, streaming=False, hf_cache=_hf_cache(cdir))
-        if len(docs) == 0:
+    mask_file = d / f"{split}.mask.npy"
+    sft = cfg.format == "sft"
+    if not (tok_file.is_file() and start_file.is_file() and (mask_file.is_file() or not sft)):
+        ids = _split_ids(cfg, tok, split, cdir)
+        if len(ids) == 0:
             raise ValueError(
                 f"data.val_fraction={cfg.val_fraction}: the {split!r} split has no documents "
                 f"(corpus too small; raise data.val_fraction or data.max_documents)"
             )
-        ids = tokenize_documents(docs, tok, int(cfg.num_proc))
-        chunks, lengths = [], []
+        chunks, masks, lengths = [], [], []
         import pyarrow.compute as pc
 
         for table in ids.with_format("arrow").iter(batch_size=4096):
             col = table.column("ids").combine_chunks()
             chunks.append(col.flatten().to_numpy(zero_copy_only=False).astype(np.int32))
             lengths.append(pc.list_value_length(col).to_numpy(zero_copy_only=False))
+            if sft:
+                m = table.column("mask").combine_chunks().flatten()
+                masks.append(m.to_numpy(zero_copy_only=False).astype(np.uint8))
         lens = np.concatenate(lengths).astype(np.int64)
         starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
         d.mkdir(parents=True, exist_ok=True)
-        for file, arr in ((tok_file, np.concatenate(chunks)), (start_file, starts)):
+        files = [(tok_file, np.concatenate(chunks)), (start_file, starts)]
+        if sft:
+            files.append((mask_file, np.concatenate(masks)))
+        for file, arr in files:
             with atomic_path(file) as tmp:
                 np.save(tmp, arr)
         meta = {"key": corpus_key(cfg), "tokenizer": tok.fingerprint, "docs": len(starts)}
         atomic_write_text(d / f"{split}.meta.json", json.dumps(meta, indent=1))
     return np.load(tok_file, mmap_mode="r"), np.load(start_file)
+
+
+def target_mask(cfg: Any, tok: Tokenizer, split: str, cache_dir: str | Path) -> np.ndarray | None:
+    """Per stream token, 1 when it is a training target (``data.format: sft``), else None (every
+    token is). Call after :func:`token_stream` built the split."""
+    if cfg.format != "sft":
+        return None
+    return np.load(_stream_dir(cfg, tok, cache_dir) / f"{split}.mask.npy", mmap_mode="r")
 
 
 def prepare_data(
