@@ -18,6 +18,8 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from .router import count_ids
+
 
 class SlotMap(NamedTuple):
     """Local dispatch's permutation between rows and (token, slot) pairs, for atomics-free
@@ -130,13 +132,17 @@ class LocalDispatcher:
     """Single-device dispatcher: stable sort of the T*K (token, slot) pairs by expert id.
 
     Empty slots (id -1) sort last and are cut off, so tokens may carry different numbers of
-    experts. The source rows are the tokens themselves, so ``combine`` has nothing to move.
+    experts; finding how many rows remain is a host read. ``empty_slots=False`` promises that
+    every slot holds an expert (no top-p): then N = T*K and the dispatch reads nothing from the
+    device and has static shapes. The source rows are the tokens themselves, so ``combine`` has
+    nothing to move.
     """
 
-    def __init__(self, n_experts: int) -> None:
+    def __init__(self, n_experts: int, *, empty_slots: bool = True) -> None:
         if isinstance(n_experts, bool) or not isinstance(n_experts, int) or n_experts < 1:
             raise ValueError(f"n_experts must be an int >= 1, got {n_experts!r}")
         self.n_experts = n_experts
+        self.empty_slots = bool(empty_slots)
 
     def dispatch(
         self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor
@@ -162,8 +168,15 @@ class LocalDispatcher:
         order_S = torch.sort(key_S, stable=True)[1]
         row_S = torch.empty_like(order_S)
         row_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
-        counts = torch.bincount(key_S, minlength=self.n_experts + 1)
-        n_rows = key_S.numel() - int(counts[self.n_experts])  # host sync: N sizes the output
+        counts_E = count_ids(ids_TK, self.n_experts)
+        if self.empty_slots:
+            n_rows = int(counts_E.sum())  # host read: N sizes the rows
+        else:
+            n_rows = key_S.numel()  # every slot holds an expert: N = T*K, nothing to read
+            # a -1 here would be a silent wrong result: checked on the device, without a sync
+            torch._assert_async(
+                (ids_TK >= 0).all(), "LocalDispatcher(empty_slots=False) got an empty slot (-1)"
+            )
         slot_N = order_S[:n_rows]
         rows = ExpertRows(
             x_TD,
@@ -171,7 +184,7 @@ class LocalDispatcher:
             weights_TK.reshape(-1).index_select(0, slot_N),
             SlotMap(slot_N, row_S),
         )
-        return rows, counts[: self.n_experts], LocalState(x_TD.shape[0], x_TD.dtype)
+        return rows, counts_E, LocalState(x_TD.shape[0], x_TD.dtype)
 
     def combine(self, z_TD: Tensor, state: LocalState) -> Tensor:
         """z_TD [T, D], the experts' weighted sums per token -> out_TD in x's dtype."""
