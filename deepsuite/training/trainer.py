@@ -64,7 +64,7 @@ class Trainer:
         self.tracker = MoEStatsTracker(
             self.cfg.moe.n_routed_experts, window=max(10, self.cfg.logging.moe_every)
         )
-        self.history: list[float] = []
+        self.history: list[float | torch.Tensor] = []  # device values until read (logging)
         self.last_val: dict[str, float] = {}
         self.peak_flops = self.cfg.logging.peak_tflops * 1e12
         m, a = self.cfg.model, self.cfg.mla
@@ -112,6 +112,7 @@ class Trainer:
             dist.barrier()
             self.p.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, save_latest=False)
             ckpt.save_rank_state(tag_dir, self.rank)
+            self._read_history()
             if self.rank == 0:
                 ckpt.write_trainer_state(
                     tag_dir,
@@ -132,18 +133,26 @@ class Trainer:
 
     # ---- one optimizer step ------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
-        """grad_accum micro-batches, one optimizer step, one bias update; returns global metrics."""
+        """grad_accum micro-batches, one optimizer step, one bias update; returns global metrics.
+
+        Nothing computed on the device is read here: the losses, expert counts, bias and
+        routing statistics stay device tensors in the returned metrics and in the tracker, and
+        ``read_metrics`` fetches them in one transfer on the steps that log. (The all-to-all
+        numbers are already on the host: the dispatcher read its split sizes.)
+        """
         engine = self.p.engine
+        dev = engine.device
         t = dict.fromkeys(("forward", "backward", "optimizer", "dispatch"), 0.0)
-        # this rank's [lm loss, expert rows received, all-to-all bytes sent, all-to-all seconds,
-        # then each auxiliary head's loss]
         heads = [h.name for h in self.cfg.model.aux_heads]
-        local = torch.zeros(4 + len(heads), dtype=torch.float64)
+        # this rank's lm loss, then each auxiliary head's loss (device); expert rows received,
+        # all-to-all bytes sent, all-to-all seconds (host)
+        losses = torch.zeros(1 + len(heads), dtype=torch.float64, device=dev)
+        comm = [0.0, 0.0, 0.0]
         start = time.perf_counter()
         for _ in range(self.p.grad_accum):
             batch = next(self.p.train_loader)
             t0 = time.perf_counter()
-            out = engine(**model_inputs(batch, engine.device, self.cfg.data.document_masking))
+            out = engine(**model_inputs(batch, dev, self.cfg.data.document_masking))
             t1 = time.perf_counter()
             engine.backward(out.loss)
             t2 = time.perf_counter()
@@ -152,36 +161,37 @@ class Trainer:
             t["forward"] += t1 - t0
             t["backward"] += t2 - t1
             t["optimizer"] += t3 - t2
-            local[0] += out.lm_loss.detach().double().cpu()
+            losses[0] += out.lm_loss.detach().double()
             for j, name in enumerate(heads):
-                local[4 + j] += out.aux_losses[name].detach().double().cpu()
+                losses[1 + j] += out.aux_losses[name].detach().double()
             for _, moe in self.layers:
                 stats = getattr(moe.dispatcher, "last_comm_stats", None)  # set by all-to-all only
                 if stats is not None:
-                    local[1:4] += torch.tensor(
-                        [stats.rows_received, stats.bytes_sent, stats.a2a_time_s],
-                        dtype=torch.float64,
-                    )
-        t["dispatch"] = float(local[3])
+                    comm[0] += stats.rows_received
+                    comm[1] += stats.bytes_sent
+                    comm[2] += stats.a2a_time_s
+        t["dispatch"] = comm[2]
         counts = sync_and_update_bias(self.p.model, bias_gamma(self.tokens_seen, self.cfg.moe))
         world = self.p.env.world_size
-        per_rank = torch.empty(world * local.numel(), dtype=torch.float64)
+        local = torch.cat([losses, torch.tensor(comm, dtype=torch.float64).to(dev)])
+        per_rank = local.new_empty(world * local.numel())
         dist.all_gather_into_tensor(per_rank, local)
         per_rank = per_rank.view(world, local.numel())
         elapsed = time.perf_counter() - start
-        loss = float(per_rank[:, 0].sum()) / (world * self.p.grad_accum)
+        n = world * self.p.grad_accum
+        loss = per_rank[:, 0].sum() / n
         tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_len
         self.tokens_seen += tokens
         self.step += 1
         self.history.append(loss)
         for (layer, moe), c in zip(self.layers, counts.values(), strict=True):
             stats = moe.last_stats
-            seq_aux = (
-                None if stats is None or stats.seq_aux_loss is None else float(stats.seq_aux_loss)
-            )
-            entropy = None if stats is None else float(stats.entropy)
             self.tracker.update(
-                layer, c, moe.router.expert_bias, entropy=entropy, seq_aux_loss=seq_aux
+                layer,
+                c,
+                moe.router.expert_bias,
+                entropy=None if stats is None else stats.entropy,
+                seq_aux_loss=None if stats is None else stats.seq_aux_loss,
             )
         metrics: dict[str, Any] = {
             "loss/train": loss,
@@ -190,10 +200,7 @@ class Trainer:
             "perf/step_time_s": elapsed,
             "perf/tokens_seen": self.tokens_seen,
             **{f"time/{k}": v for k, v in t.items()},
-            **{
-                f"loss/aux_{name}": float(per_rank[:, 4 + j].sum()) / (world * self.p.grad_accum)
-                for j, name in enumerate(heads)
-            },
+            **{f"loss/aux_{name}": per_rank[:, 1 + j].sum() / n for j, name in enumerate(heads)},
         }
         if self.peak_flops > 0:
             metrics["perf/mfu"] = mfu(
@@ -201,16 +208,43 @@ class Trainer:
             )
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
-            metrics["optim/grad_norm"] = float(grad_norm)
+            metrics["optim/grad_norm"] = grad_norm
         if self.cfg.parallel.ep > 1:  # the straggler view: expert rows each rank computed
-            metrics.update(
+            c0 = 1 + len(heads)
+            metrics["comm/_per_rank"] = per_rank[:, c0 : c0 + 3]
+        return metrics
+
+    def read_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """``metrics`` with every device value read (one transfer), ready for the sinks; also
+        turns the loss history's pending device values into numbers."""
+        self._read_history()
+        tensors = {k: v for k, v in metrics.items() if isinstance(v, torch.Tensor)}
+        out = {k: v for k, v in metrics.items() if k not in tensors}
+        if tensors:
+            flat = torch.cat([v.detach().double().reshape(-1) for v in tensors.values()]).cpu()
+            for k, part in zip(
+                tensors, flat.split([v.numel() for v in tensors.values()]), strict=True
+            ):
+                out[k] = float(part[0]) if part.numel() == 1 else part
+        per_rank = out.pop("comm/_per_rank", None)
+        if per_rank is not None:
+            per_rank = per_rank.view(-1, 3)
+            out.update(
                 comm_stats(
-                    per_rank[:, 1].numpy(),
-                    a2a_bytes=float(per_rank[:, 2].sum()),
-                    a2a_time_s=float(per_rank[:, 3].max()),
+                    per_rank[:, 0].numpy(),
+                    a2a_bytes=float(per_rank[:, 1].sum()),
+                    a2a_time_s=float(per_rank[:, 2].max()),
                 )
             )
-        return metrics
+        return out
+
+    def _read_history(self) -> None:
+        """The training losses still on the device, read in one transfer."""
+        pending = [i for i, v in enumerate(self.history) if isinstance(v, torch.Tensor)]
+        if pending:
+            values = torch.stack([self.history[i].double() for i in pending]).cpu().tolist()
+            for i, v in zip(pending, values, strict=True):
+                self.history[i] = v
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -220,20 +254,24 @@ class Trainer:
             return {}
         engine = self.p.engine
         engine.eval()
-        loss_sum = torch.zeros(())
-        counts = [torch.zeros(m.n_routed_experts, dtype=torch.int64) for _, m in self.layers]
+        dev = engine.device
+        loss_sum = torch.zeros((), device=dev)
+        counts = [
+            torch.zeros(m.n_routed_experts, dtype=torch.int64, device=dev) for _, m in self.layers
+        ]
         n = 0
         for batch in loader:
             if n == self.cfg.train.eval_batches:
                 break
-            out = engine(**model_inputs(batch, engine.device, self.cfg.data.document_masking))
-            loss_sum += out.lm_loss.float().cpu()
+            out = engine(**model_inputs(batch, dev, self.cfg.data.document_masking))
+            loss_sum += out.lm_loss.float()
             for c, (_, m) in zip(counts, self.layers, strict=True):
-                c += m.last_stats.counts_E.cpu()
+                c += m.last_stats.counts_E
             n += 1
         engine.train()
-        flat = torch.cat([loss_sum.view(1), *[c.double() for c in counts]])
+        flat = torch.cat([loss_sum.view(1).double(), *[c.double() for c in counts]])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat = flat.cpu()  # the one read of the evaluation
         out: dict[str, float] = {"loss/val": float(flat[0]) / (n * self.p.env.world_size)}
         offset = 1
         for layer, m in self.layers:
@@ -289,7 +327,7 @@ class Trainer:
                 with guard_collectives("evaluate", self.step):
                     metrics.update(self.evaluate())
             if self.step % self.cfg.logging.log_every == 0 or "loss/val" in metrics:
-                self.logger.log(metrics, step=self.step)
+                self.logger.log(self.read_metrics(metrics), step=self.step)
             if "loss/val" in metrics and self.cfg.logging.wandb != "disabled":
                 self.logger.log_images(self.step)  # heatmaps and bias trajectories so far
             if stop.agreed():
@@ -313,6 +351,7 @@ class Trainer:
     def summary(
         self, first_step: int, elapsed: float, tokens: int, preempted: bool
     ) -> dict[str, Any]:
+        self._read_history()
         vio = {
             k: v
             for k, v in self.tracker.metrics().items()
