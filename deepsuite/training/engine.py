@@ -28,6 +28,7 @@ from deepsuite.distributed.groups import setup_expert_parallel, validate_expert_
 from deepsuite.distributed.topology import resolve_group_limit
 from deepsuite.models import DeepSeekLM
 from deepsuite.training.checkpoint import make_safe_checkpoint_engine
+from deepsuite.training.compile import apply_compile
 from deepsuite.training.schedule import lr_factor
 
 
@@ -131,6 +132,8 @@ def build_run(cfg: Config) -> RunParts:
         apply_expert_parallel(model, groups, check_replicated=False)  # nothing to compare yet
     model.materialize("cpu", seed=cfg.train.seed)
     tag_expert_parameters(model)  # to_empty made new Parameter objects: tag them again
+    if cfg.train.compile:  # per block, in place: parameter names and checkpoints unchanged
+        apply_compile(model, cfg.train.compile_backend)
 
     grad_accum = cfg.grad_accumulation_steps(W)
     engine = build_engine(cfg, model, deepspeed_config(cfg, grad_accum))
