@@ -75,7 +75,8 @@ class HostRead:
 def _caller() -> str:
     for frame in reversed(traceback.extract_stack()):
         path = os.path.abspath(frame.filename)
-        if path != _HERE and not path.startswith(_TORCH):
+        # other dispatch modes stacked with this one (op counters, ...) are not the caller
+        if path != _HERE and not path.startswith(_TORCH) and frame.name != "__torch_dispatch__":
             return f"{os.path.relpath(path)}:{frame.lineno} in {frame.name}"
     return "<torch internals>"
 

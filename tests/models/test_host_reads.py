@@ -98,3 +98,12 @@ def test_update_bias_with_no_tokens_leaves_the_bias(empty):
     counts = torch.zeros(8, dtype=torch.int64) if empty else torch.arange(8)
     moe.update_bias(counts, 0.01)
     assert torch.equal(moe.router.expert_bias, before) == empty
+
+
+def test_top_p_switched_on_after_construction_is_refused():
+    """Without top-p the layer's dispatcher takes N = T*K on trust; a router that could leave
+    slots empty must come with a dispatcher that looks for them."""
+    moe = small_model(*STEP).moe_layers()[0]
+    moe.router.top_p = 0.5
+    with pytest.raises(ValueError, match="empty_slots=True"):
+        moe(torch.randn(4, 32))

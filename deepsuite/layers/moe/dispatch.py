@@ -18,8 +18,6 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from .router import count_ids
-
 
 class SlotMap(NamedTuple):
     """Local dispatch's permutation between rows and (token, slot) pairs, for atomics-free
@@ -133,8 +131,8 @@ class LocalDispatcher:
 
     Empty slots (id -1) sort last and are cut off, so tokens may carry different numbers of
     experts; finding how many rows remain is a host read. ``empty_slots=False`` promises that
-    every slot holds an expert (no top-p): then N = T*K and the dispatch reads nothing from the
-    device and has static shapes. The source rows are the tokens themselves, so ``combine`` has
+    every slot holds an expert (no top-p; ``DeepSeekMoE`` checks it): then N = T*K and the
+    dispatch reads nothing from the device and has static shapes. The source rows are the tokens themselves, so ``combine`` has
     nothing to move.
     """
 
@@ -164,19 +162,16 @@ class LocalDispatcher:
             )
         K = ids_TK.shape[1]
         # empty slots get key E: they sort after every real expert and are cut off below
-        key_S = torch.where(ids_TK < 0, self.n_experts, ids_TK).reshape(-1)
-        order_S = torch.sort(key_S, stable=True)[1]
+        E = self.n_experts
+        key_S = torch.where(ids_TK < 0, E, ids_TK).reshape(-1)
+        sorted_S, order_S = torch.sort(key_S, stable=True)
         row_S = torch.empty_like(order_S)
         row_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
-        counts_E = count_ids(ids_TK, self.n_experts)
-        if self.empty_slots:
-            n_rows = int(counts_E.sum())  # host read: N sizes the rows
-        else:
-            n_rows = key_S.numel()  # every slot holds an expert: N = T*K, nothing to read
-            # a -1 here would be a silent wrong result: checked on the device, without a sync
-            torch._assert_async(
-                (ids_TK >= 0).all(), "LocalDispatcher(empty_slots=False) got an empty slot (-1)"
-            )
+        # each expert's first row in the sorted keys; the last bound is where empty slots begin
+        bounds = torch.searchsorted(sorted_S, torch.arange(E + 1, device=key_S.device))
+        counts_E = bounds.diff()
+        # every slot holds an expert: N = T*K, nothing to read; else N sizes the rows: a read
+        n_rows = int(bounds[E]) if self.empty_slots else key_S.numel()
         slot_N = order_S[:n_rows]
         rows = ExpertRows(
             x_TD,

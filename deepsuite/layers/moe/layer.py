@@ -8,6 +8,7 @@ called once per optimizer step from outside ``forward``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -53,10 +54,17 @@ def _dispatch_compute_combine(
     return dispatcher.combine(experts(rows, counts_L), state)
 
 
-# A dispatcher whose exchange is sized on the host (``traceable = False``: the all-to-all reads
-# its split sizes) runs dispatch -> experts -> combine outside any compiled graph: the ONE graph
-# break per MoE layer under torch.compile with expert parallelism.
-_dispatch_compute_combine_eager = torch.compiler.disable(_dispatch_compute_combine)
+_EAGER: list[Callable[..., Tensor]] = []
+
+
+def _dispatch_compute_combine_eager() -> Callable[..., Tensor]:
+    """``_dispatch_compute_combine`` outside any compiled graph, for a dispatcher whose exchange
+    is sized on the host (``traceable = False``: the all-to-all reads its split sizes): the ONE
+    graph break per MoE layer under torch.compile with expert parallelism. Made on first use
+    (``torch.compiler.disable`` imports torch._dynamo, seconds at start-up)."""
+    if not _EAGER:
+        _EAGER.append(torch.compiler.disable(_dispatch_compute_combine))
+    return _EAGER[0]
 
 
 @dataclass
@@ -187,13 +195,19 @@ class DeepSeekMoE(nn.Module):
         -> (out same shape/dtype as x, router_logits (T, E) float32).
         """
         x_TD, n_seq = self._flatten(x)
+        d = self.dispatcher
+        if self.router.top_p is not None and not getattr(d, "empty_slots", True):
+            raise ValueError(
+                "router.top_p leaves slots empty: the dispatcher needs "
+                "LocalDispatcher(n_experts, empty_slots=True)"
+            )
         r = self.router(x_TD, k)  # route
         routed = (
             _dispatch_compute_combine
-            if getattr(self.dispatcher, "traceable", True)
-            else _dispatch_compute_combine_eager
+            if getattr(d, "traceable", True)
+            else _dispatch_compute_combine_eager()
         )
-        out_TD = routed(self.dispatcher, self.experts, x_TD, r)  # dispatch, compute, combine
+        out_TD = routed(d, self.experts, x_TD, r)  # dispatch, compute, combine
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
         self._record(r, n_seq)
