@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# Build .cache/gpu_carry (ignored by git, ~10 MB) for benchmarks/gpu_run.sh on a machine that
-# cannot reach a registry: pure-Python omegaconf, the seed wheel and torchtitan's MoE sources.
+# Build .cache/gpu_carry (ignored by git, ~20 MB) for benchmarks/gpu_run.sh on a machine that
+# cannot reach a registry: pure-Python omegaconf, pytest and hypothesis (the GPU-marked tests),
+# the seed wheel, torchtitan's MoE sources, and the tree of commit feba6bf (the "before" of
+# benchmarks/host_reads.py: the device copy of the checkout has no git history).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 "$ROOT/benchmarks/fetch_peers.sh"
 C="$ROOT/.cache/gpu_carry"; P="$ROOT/.cache/peers"
 rm -rf "$C"; mkdir -p "$C/tt"
 "$ROOT/.venv/bin/pip" install -q --no-deps --no-compile --target "$C/site" \
-  omegaconf==2.3.0 antlr4-python3-runtime==4.9.3
+  omegaconf==2.3.0 antlr4-python3-runtime==4.9.3 \
+  pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 packaging==26.4 pygments==2.21.0 pytest-timeout==2.4.0 \
+  hypothesis==6.170.17 sortedcontainers==2.4.0
+mkdir -p "$C/before_feba6bf"
+git -C "$ROOT" archive feba6bf deepsuite configs | tar -x -C "$C/before_feba6bf"
 cp -r "$P/seed" "$C/seed"
 for d in torchtitan spmd_types tyro docstring_parser; do cp -r "$P/tt/$d" "$C/tt/"; done
 find "$C" -name __pycache__ -prune -exec rm -rf {} +

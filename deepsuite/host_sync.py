@@ -25,14 +25,16 @@ from __future__ import annotations
 
 import os
 import traceback
+import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["HostRead", "HostSyncCounter"]
+__all__ = ["HostRead", "HostSyncCounter", "cuda_syncs"]
 
 _aten = torch.ops.aten
 # ops that always make the host wait for a value (scalar reads, equality to a Python bool)
@@ -179,3 +181,18 @@ class HostSyncCounter:
         for name, method in self._methods.items():
             setattr(torch.Tensor, name, method)
         self._mode, self._methods = None, {}
+
+
+def cuda_syncs(fn: Callable[[], object]) -> list[str]:
+    """The synchronising CUDA calls ``fn()`` makes, as the driver layer reports them
+    (``torch.cuda.set_sync_debug_mode("warn")``): the ground truth on a GPU, where the counter
+    above is the CPU's stand-in. Needs CUDA."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [str(w.message) for w in seen if "synchroniz" in str(w.message)]

@@ -30,7 +30,11 @@ def _count(fn) -> HostSyncCounter:
         ("masked_select", lambda t: t.masked_select(t > 1), "aten.masked_select.default"),
         ("bincount", lambda t: torch.bincount(t, minlength=8), "aten.bincount.default"),
         ("unique", lambda t: torch.unique(t), "aten._unique2.default"),
-        ("repeat_interleave", lambda t: torch.repeat_interleave(t), "aten.repeat_interleave.Tensor"),
+        (
+            "repeat_interleave",
+            lambda t: torch.repeat_interleave(t),
+            "aten.repeat_interleave.Tensor",
+        ),
         ("equal", lambda t: torch.equal(t, t), "aten.equal.default"),
     ],
 )
@@ -75,9 +79,8 @@ def test_backward_reads_are_counted_with_their_place():
 
 def test_counters_do_not_nest_and_restore_the_methods():
     tolist = torch.Tensor.tolist
-    with HostSyncCounter():
-        with pytest.raises(RuntimeError, match="do not nest"):
-            HostSyncCounter().__enter__()
+    with HostSyncCounter(), pytest.raises(RuntimeError, match="do not nest"):
+        HostSyncCounter().__enter__()
     assert torch.Tensor.tolist is tolist
     assert _count(lambda: torch.ones(2).tolist()).count == 1
     assert torch.Tensor.tolist is tolist

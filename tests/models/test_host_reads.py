@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from deepsuite.data.loader import make_batch, model_inputs
-from deepsuite.host_sync import HostSyncCounter
+from deepsuite.host_sync import HostSyncCounter, cuda_syncs
 from deepsuite.training.moe_stats import MoEStatsTracker
 from tests.models.test_model import small_model
 
@@ -107,3 +107,28 @@ def test_top_p_switched_on_after_construction_is_refused():
     moe.router.top_p = 0.5
     with pytest.raises(ValueError, match="empty_slots=True"):
         moe(torch.randn(4, 32))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("flex", [False, True])
+def test_cuda_step_makes_no_synchronising_call(flex):
+    """The driver's own view: ``set_sync_debug_mode`` warns on every synchronising CUDA call.
+    A step of fp32 master weights under bf16 autocast (grouped GEMMs), the document mask dense
+    or as a FlexAttention block mask, then the bias update: none."""
+    model = small_model(*STEP).cuda()
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 64, (2, 17))
+    docs = np.sort(rng.integers(0, 4, (2, 17)), axis=1)
+    batch = model_inputs(make_batch(tokens, docs), "cuda", document_masking=True, flex=flex)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        for moe in model.moe_layers():
+            moe.update_bias()
+
+    step()  # warm-up: first-call compilation (flex) and allocations
+    syncs = cuda_syncs(step)
+    assert not syncs, syncs

@@ -241,9 +241,11 @@ class DeepSeekMoE(nn.Module):
         recomputed (checkpointing needs the same saved tensors) but the state is left alone, so
         a token is counted once and ``last_stats`` / ``aux_loss`` stay the first pass's. Nothing
         here is read on the host: the statistics stay device tensors until someone logs them.
-        Compiled, the counts still skip a replay (``_outside_backward`` is evaluated on the
-        device); the attributes are skipped by torch.compile itself (``apply_compile`` sets
-        dynamo's ``skip_fwd_side_effects_in_bwd_under_checkpoint``).
+        Compiled, the counts still skip a replay (``_outside_backward`` decides on the device,
+        whichever of checkpointing and compilation wraps the other); the attributes are set once
+        when compilation wraps the checkpoint (dynamo's
+        ``skip_fwd_side_effects_in_bwd_under_checkpoint``, set by ``apply_compile``), and set
+        again to the same values when a checkpoint replays a compiled block.
         """
         counts_E = r.counts_E.detach()
         if self.training:
