@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One prepared GPU run (the `run` device tool, or any one-GPU CUDA machine with torch), in order
 # of what is owed first; tables go to $OUT (or ./gpu_out):
-#   1. the GPU-marked tests: no synchronising CUDA call in a step (sync debug mode), FlexAttention
-#      gradients == the dense mask's, grouped_mm bf16 == the reference;
+#   1. the GPU-marked tests: no synchronising CUDA call in a step (sync debug mode), CUDA graphs
+#      capture a MoE block, FlexAttention gradients == the dense mask's, grouped_mm bf16 == the
+#      reference;
 #   2. host reads / aten ops / CUDA syncs per MoE layer and training step, now vs feba6bf;
 #   3. MFU of the MoE layer (grouped-GEMM bf16 path, compiled, loop path, dense floor) at 4096 and
 #      16384 tokens; of a deepseek_1b training step with fp32 master weights under bf16 autocast,
@@ -35,7 +36,7 @@ else
 fi
 quiet() { grep -v -e Warning -e '^  '; }
 timeout 300 $PY -m pytest -q -p no:cacheprovider -m gpu -rs tests/models/test_host_reads.py \
-  tests/layers/test_doc_mask.py tests/layers/test_moe_layer.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+  tests/models/test_compile.py tests/layers/test_doc_mask.py tests/layers/test_moe_layer.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
 timeout 240 $PY benchmarks/host_reads.py --device $DEV --before "$BEFORE" --where "${HR_ARGS[@]}" \
   2>&1 | quiet | tee "$OUT/host_reads.txt"
 timeout $TC $PY benchmarks/mfu.py --mode moe --dtype bf16 --compile "${MFU_ARGS[@]}" 2>&1 \

@@ -104,7 +104,11 @@ def _pad_rows(x: Tensor, n: int) -> Tensor:
 @runtime_checkable
 class Dispatcher(Protocol):
     """dispatch -> (ExpertRows sorted by local expert, counts_L int64, state);
-    combine(z_MD, state) -> out_TD."""
+    combine(z_MD, state) -> out_TD.
+
+    A dispatcher that must read sizes on the host (an all-to-all's split sizes) says so with a
+    class attribute ``traceable = False``: the MoE layer then keeps dispatch -> experts ->
+    combine out of compiled graphs (absent means True)."""
 
     def dispatch(
         self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor
