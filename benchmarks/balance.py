@@ -3,7 +3,7 @@
 Trains the same small MoE LM (configs/tiny.yaml, one process, EP 1) once per balancing method
 with the real trainer, and reports validation loss, global MaxVio on the validation batches
 (mean over MoE layers) and mean batch MaxVio over training (mean of the logged per-step
-values). MaxVio = max_i load_i / mean load - 1 (REFERENCES.md).
+values). MaxVio = max_i load_i / mean load - 1 (docs/formulas.md).
 
 Methods: (a) none (no bias, no loss); (b) classic auxiliary loss (alpha ``--aux-alpha``);
 (c) loss-free bias, gamma 0.001; (d) loss-free plus the complementary sequence-wise loss

@@ -8,7 +8,7 @@ decodes by re-expanding K/V from it every step, like our naive path; ours decode
 caches are filled by a chunked prefill of the same context, then one decode step is timed.
 
 Cache bytes are MEASURED from the cache tensors (bytes held / (B * context)). Ours must equal the
-formula exactly (REFERENCES.md: C + R values per token per layer; plain multi-head attention
+formula exactly (docs/formulas.md: C + R values per token per layer; plain multi-head attention
 caches 2 H V, 56.9x more at V3's 128 heads); the script exits 1 if it does not.
 
     .venv/bin/python benchmarks/mla_peers.py --contexts 512,2048,8192

@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "plan": ("deepsuite.planner", "plan_main", "capacity plan: memory, FLOPs, communication"),
     "convert": ("deepsuite.models.hf", "hf_main", "convert Hugging Face DeepSeek checkpoints"),
     "reshard": (
-        "deepsuite.distributed.reshard",
+        "deepsuite.checkpoint.convert",
         "reshard_main",
         "re-split a checkpoint to another EP size",
     ),

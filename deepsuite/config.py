@@ -1,5 +1,9 @@
 """One typed config tree: defaults < YAML < ``key.sub=value`` overrides, strict keys.
 
+One file over 400 lines on purpose: every section, its defaults and its checks read in one place,
+next to the YAML files they validate (the MoE routing and balancing fields live with the layer,
+``deepsuite/layers/moe/options.py``, and are inherited here).
+
 OmegaConf structured configs do the merge and the type checks (unknown keys and wrong types are
 rejected with the full dotted key); each dataclass validates its own values in ``__post_init__``
 and :meth:`Config.validate` checks the relations between sections. Every error is a
@@ -19,6 +23,9 @@ from typing import Any
 import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from deepsuite.layers.moe.balance import GammaSchedule
+from deepsuite.layers.moe.options import BalanceOptions, RoutingOptions, balance_of, routing_of
 
 
 class ConfigError(ValueError):
@@ -178,59 +185,94 @@ class MLAConfig:
 
 
 @dataclass
-class MoEConfig:
-    """DeepSeekMoE routing and the auxiliary-loss-free balancing (REFERENCES.md)."""
+class MoESizes:
+    """The sizes of every DeepSeekMoE layer (the ``moe`` section's first fields)."""
 
     n_routed_experts: int = 16
     n_shared_experts: int = 1
     n_expert_per_token: int = 2
     expert_intermediate_size: int = 128
-    n_group: int = 1
-    topk_group: int = 1
-    score_func: str = "sigmoid"
-    route_scale: float = 1.0
-    norm_topk_prob: bool = True
-    top_p: float = 0.0
-    bias_update_speed: float = 0.001
-    bias_update_until_tokens: int = 0
-    bias_recenter: bool = False
-    seq_aux_alpha: float = 0.0
-    aux_loss_alpha: float = 0.0
-    use_expert_bias: bool = True  # False: V2 routing (no balancing bias, a group scores its max)
+
+
+@dataclass
+class MoEConfig(BalanceOptions, RoutingOptions, MoESizes):
+    """DeepSeekMoE: the sizes, how tokens are routed and how load is balanced.
+
+    The routing and balancing fields, their defaults and their checks are the layer's own
+    (:class:`~deepsuite.layers.moe.RoutingOptions`, :class:`~deepsuite.layers.moe.BalanceOptions`;
+    the formulas are in docs/formulas.md); this section adds when the bias stops moving.
+    """
+
+    bias_update_until_tokens: int = 0  # gamma becomes 0 after this many tokens (0: never)
 
     def __post_init__(self) -> None:
         _positive("moe", self, "n_routed_experts", "n_expert_per_token")
-        _positive("moe", self, "expert_intermediate_size", "n_group", "topk_group", "route_scale")
-        _non_negative(
-            "moe", self, "n_shared_experts", "bias_update_speed", "bias_update_until_tokens"
+        _positive("moe", self, "expert_intermediate_size")
+        _non_negative("moe", self, "n_shared_experts", "bias_update_until_tokens")
+        if self.top_p is None:
+            self.top_p = 0.0  # "off", as RoutingOptions spells it
+        try:
+            self.check_routing("moe.")
+            self.check_experts(self.n_routed_experts, self.n_expert_per_token, "moe.")
+            self.check_balance("moe.")
+        except (TypeError, ValueError) as err:
+            raise ConfigError(str(err)) from None
+
+    def routing(self) -> RoutingOptions:
+        """This section's routing fields, as the layer takes them."""
+        return routing_of(self)
+
+    def balance(self) -> BalanceOptions:
+        """This section's balancing fields, as the layer takes them."""
+        return balance_of(self)
+
+    def gamma_schedule(self) -> GammaSchedule:
+        """The bias update speed over training (``bias_update_speed``, 0 after the limit)."""
+        return GammaSchedule(self.bias_update_speed, self.bias_update_until_tokens or None)
+
+
+def expert_parallel_sizes(n_routed_experts: int, world_size: int | None = None) -> list[int]:
+    """The expert-parallel sizes that split ``n_routed_experts`` (and ``world_size``) evenly."""
+    top = n_routed_experts if world_size is None else min(n_routed_experts, world_size)
+    return [
+        d
+        for d in range(1, top + 1)
+        if n_routed_experts % d == 0 and (world_size is None or world_size % d == 0)
+    ]
+
+
+def validate_expert_parallel(n_routed_experts: int, world_size: int | None, ep: int) -> None:
+    """The expert-parallel rule, the one place it is written: each of the ``ep`` ranks of an EP
+    group holds ``n_routed_experts / ep`` whole experts, and the world is whole EP groups.
+
+    ``world_size=None`` checks the experts only (the config alone, before a launch). Pure: it runs
+    before any collective, so every rank fails the same way at once. Raises :class:`ConfigError`
+    (a ValueError) naming ``parallel.ep`` and the sizes that would work.
+    """
+    sizes = (("n_routed_experts", n_routed_experts), ("world_size", world_size or 1))
+    for name, value in sizes:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name}: expected a positive int, got {value!r}")
+    if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:
+        raise ConfigError(f"parallel.ep: expected a positive int, got {ep!r}")
+    E = n_routed_experts
+    if ep > E:
+        raise ConfigError(
+            f"parallel.ep={ep} exceeds moe.n_routed_experts={E}: every expert-parallel rank "
+            f"needs at least one expert; use ep <= {E}"
         )
-        _non_negative("moe", self, "seq_aux_alpha", "aux_loss_alpha")
-        _one_of("moe.score_func", self.score_func, ["sigmoid", "softmax"])
-        _check(0.0 <= self.top_p < 1.0, "moe.top_p", "0 (off) or a value in (0, 1)", self.top_p)
-        _check(
-            self.n_expert_per_token <= self.n_routed_experts,
-            "moe.n_expert_per_token",
-            f"at most moe.n_routed_experts ({self.n_routed_experts})",
-            self.n_expert_per_token,
+    ok = expert_parallel_sizes(E, world_size)
+    if E % ep:
+        raise ConfigError(
+            f"parallel.ep: expected a divisor of moe.n_routed_experts ({E}), got {ep}: "
+            f"moe.n_routed_experts={E} is not divisible by parallel.ep={ep}; choose ep from "
+            f"{ok} or make moe.n_routed_experts a multiple of {ep}"
         )
-        _check(
-            self.n_routed_experts % self.n_group == 0,
-            "moe.n_group",
-            f"a divisor of moe.n_routed_experts ({self.n_routed_experts})",
-            self.n_group,
-        )
-        _check(
-            self.topk_group <= self.n_group,
-            "moe.topk_group",
-            f"at most moe.n_group ({self.n_group})",
-            self.topk_group,
-        )
-        per_group = self.n_routed_experts // self.n_group
-        _check(
-            self.n_expert_per_token <= self.topk_group * per_group,
-            "moe.n_expert_per_token",
-            f"at most moe.topk_group * experts per group ({self.topk_group * per_group})",
-            self.n_expert_per_token,
+    if world_size is not None and world_size % ep:
+        raise ConfigError(
+            f"parallel.ep: expected a divisor of the world size ({world_size}), got {ep}: "
+            f"world size {world_size} is not divisible by parallel.ep={ep}; launch a multiple "
+            f"of {ep} ranks or choose ep from {ok}"
         )
 
 
@@ -382,12 +424,22 @@ class LoggingConfig:
 
 
 @dataclass
-class Config:
-    """The whole tree. Sections validate themselves; :meth:`validate` checks cross-section rules."""
+class ModelArgs:
+    """The sections that define a model's architecture: all ``DeepSeekLM`` takes (and keeps).
+
+    A :class:`Config` is a ModelArgs plus how to train it, so ``DeepSeekLM(cfg)`` works; the
+    model copies out these three sections only.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     mla: MLAConfig = field(default_factory=MLAConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+
+
+@dataclass
+class Config(ModelArgs):
+    """The whole tree. Sections validate themselves; :meth:`validate` checks cross-section rules."""
+
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -411,12 +463,7 @@ class Config:
             "1 when every layer is dense (model.n_dense_layers == model.n_layers)",
             self.parallel.ep,
         )
-        _check(
-            self.moe.n_routed_experts % self.parallel.ep == 0,
-            "parallel.ep",
-            f"a divisor of moe.n_routed_experts ({self.moe.n_routed_experts})",
-            self.parallel.ep,
-        )
+        validate_expert_parallel(self.moe.n_routed_experts, None, self.parallel.ep)
         _check(
             self.train.global_batch_size % self.train.micro_batch_size == 0,
             "train.global_batch_size",
@@ -434,13 +481,7 @@ class Config:
             f"{world_size} = {per_step}); change the batch sizes or the number of ranks",
             self.train.global_batch_size,
         )
-        _check(
-            world_size % self.parallel.ep == 0,
-            "parallel.ep",
-            f"a divisor of the world size ({world_size}); launch a multiple of {self.parallel.ep} "
-            "ranks or lower parallel.ep",
-            self.parallel.ep,
-        )
+        validate_expert_parallel(self.moe.n_routed_experts, world_size, self.parallel.ep)
 
     def grad_accumulation_steps(self, world_size: int) -> int:
         return self.train.global_batch_size // (self.train.micro_batch_size * world_size)

@@ -1,4 +1,5 @@
-"""Load-balance pictures drawn from a run's metrics.jsonl alone (`deepsuite plot RUN_DIR`).
+"""Load-balance pictures drawn from a run's metrics.jsonl alone (`deepsuite plot RUN_DIR`), read
+through :mod:`deepsuite.runlog`.
 
 Figures are built on matplotlib's Agg canvas directly (no pyplot, no global backend switch), so
 this works headless and inside a training process. Every figure is FIGSIZE at the given dpi.
@@ -9,13 +10,12 @@ Legend: L MoE layers, E experts, S logged steps.
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from deepsuite.training.metrics import read_metrics
+from deepsuite.runlog import latest_loads, layer_ids, max_vio_series, read_metrics
 
 __all__ = [
     "FIGSIZE",
@@ -23,23 +23,13 @@ __all__ = [
     "default_layer",
     "draw_all",
     "figure_to_rgb",
-    "latest_loads",
-    "layer_ids",
     "load_matrix_layers",
     "load_matrix_steps",
-    "max_vio_series",
     "plot_main",
     "write_plots",
 ]
 
 FIGSIZE = (10.0, 5.0)  # inches; at dpi 100 a PNG is 1000 x 500 pixels
-_LOAD_KEY = re.compile(r"^moe/layer(\d+)/load$")
-
-
-def layer_ids(records: list[dict[str, Any]]) -> list[int]:
-    """Sorted MoE layer indices that have a `moe/layer{L}/load` list somewhere in the run."""
-    found = {int(m.group(1)) for r in records for k in r if (m := _LOAD_KEY.match(k))}
-    return sorted(found)
 
 
 def _relative(load: list[float]) -> np.ndarray:
@@ -47,15 +37,6 @@ def _relative(load: list[float]) -> np.ndarray:
     c = np.asarray(load, dtype=np.float64)
     mean = c.mean() if c.size else 0.0
     return c / mean if mean > 0 else np.zeros_like(c)
-
-
-def latest_loads(records: list[dict[str, Any]]) -> dict[int, list[float]]:
-    """Layer -> the last logged per-expert load list."""
-    out: dict[int, list[float]] = {}
-    for r in records:
-        for layer in layer_ids([r]):
-            out[layer] = r[f"moe/layer{layer}/load"]
-    return out
 
 
 def load_matrix_layers(
@@ -94,20 +75,6 @@ def bias_matrix(records: list[dict[str, Any]], layer: int) -> tuple[list[int], n
     if not rows:
         return [], np.zeros((0, 0))
     return [s for s, _ in rows], np.asarray([b for _, b in rows], dtype=np.float64)
-
-
-def max_vio_series(records: list[dict[str, Any]]) -> dict[int, dict[str, list[float]]]:
-    """Layer -> {"step": [...], "max_vio": [...], "max_vio_global": [...]} (NaN where absent)."""
-    out: dict[int, dict[str, list[float]]] = {}
-    for layer in layer_ids(records):
-        p = f"moe/layer{layer}/"
-        rows = [r for r in records if p + "max_vio" in r]
-        out[layer] = {
-            "step": [int(r["step"]) for r in rows],
-            "max_vio": [float(r[p + "max_vio"]) for r in rows],
-            "max_vio_global": [float(r.get(p + "max_vio_global", np.nan)) for r in rows],
-        }
-    return out
 
 
 def default_layer(records: list[dict[str, Any]]) -> int:

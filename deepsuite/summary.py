@@ -13,19 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from deepsuite.plotting import layer_ids
-from deepsuite.training.metrics import iter_scalar_series, read_metrics
+from deepsuite.runlog import iter_scalar_series, last_scalar, layer_ids, read_metrics
 
 __all__ = ["format_summary", "summarize", "summary_main"]
 
 
 def _mean(xs: list[float]) -> float | None:
     return float(np.mean(xs)) if xs else None
-
-
-def _last(records: list[dict[str, Any]], key: str) -> float | None:
-    vals = [v for _, v in iter_scalar_series(records, key)]
-    return vals[-1] if vals else None
 
 
 def _layer_summary(records: list[dict[str, Any]], layer: int, top: int) -> dict[str, Any]:
@@ -42,14 +36,14 @@ def _layer_summary(records: list[dict[str, Any]], layer: int, top: int) -> dict[
         "logged_steps": len(loads),
         "max_vio_last": vio[-1] if vio else None,
         "max_vio_mean": _mean(vio),
-        "max_vio_global_last": _last(records, p + "max_vio_global"),
+        "max_vio_global_last": last_scalar(records, p + "max_vio_global"),
         "max_vio_logged": float((total_E.max() - mean) / mean) if mean > 0 else 0.0,
-        "dead_experts_last": _last(records, p + "dead_experts"),
+        "dead_experts_last": last_scalar(records, p + "dead_experts"),
         "never_used": [int(e) for e in np.flatnonzero(total_E == 0)],
         "hottest": [(int(e), float(share_E[e])) for e in order[:top]],
         "coldest": [(int(e), float(share_E[e])) for e in order[::-1][:top]],
-        "bias_min_last": _last(records, p + "bias_min"),
-        "bias_max_last": _last(records, p + "bias_max"),
+        "bias_min_last": last_scalar(records, p + "bias_min"),
+        "bias_max_last": last_scalar(records, p + "bias_max"),
     }
 
 
@@ -78,8 +72,8 @@ def summarize(run_dir: str | Path, *, top: int = 3, skip_first: int = 1) -> dict
         "run_dir": str(run_dir),
         "steps": [int(records[0]["step"]), int(records[-1]["step"])],
         "loss": {
-            "train_last": _last(records, "loss/train"),
-            "val_last": _last(records, "loss/val"),
+            "train_last": last_scalar(records, "loss/train"),
+            "val_last": last_scalar(records, "loss/val"),
             "val_best": min((v for _, v in iter_scalar_series(records, "loss/val")), default=None),
         },
         "throughput": {

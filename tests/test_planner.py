@@ -48,7 +48,7 @@ def test_param_counts_equal_meta_model(path: str) -> None:
 def test_published_figures() -> None:
     v3 = param_breakdown(load_config("configs/deepseek_v3_671b.yaml"))
     assert abs(v3.total / 671.0e9 - 1) < 0.002
-    assert abs(v3.activated / 37.5e9 - 1) < 0.02  # embedding and head counted (REFERENCES.md)
+    assert abs(v3.activated / 37.5e9 - 1) < 0.02  # embedding and head counted (docs/formulas.md)
     lite = param_breakdown(load_config("configs/deepseek_v2_lite_16b.yaml"))
     assert abs(lite.total / 15.7e9 - 1) < 0.005
     # published "2.4B" activated counts without the embedding table: 2.45B here

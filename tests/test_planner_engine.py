@@ -80,13 +80,13 @@ def _worker(rank: int, world: int, eps: list[int]) -> dict:
     import deepspeed
 
     from deepsuite.distributed import setup_expert_parallel
+    from deepsuite.distributed.engine import deepspeed_config
     from deepsuite.distributed.expert_parallel import (
         apply_expert_parallel,
         moe_param_groups,
         sync_and_update_bias,
     )
     from deepsuite.models import DeepSeekLM
-    from deepsuite.training.engine import deepspeed_config
 
     results: dict = {}
     for ep in eps:

@@ -20,10 +20,9 @@ from deepsuite.plotting import (
     fig_max_vio,
     load_matrix_layers,
     load_matrix_steps,
-    max_vio_series,
     plot_main,
 )
-from deepsuite.training.metrics import read_metrics
+from deepsuite.runlog import max_vio_series, read_metrics
 from deepsuite.training.moe_stats import MoEStatsTracker
 
 E, HOT = 8, 5

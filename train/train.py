@@ -8,7 +8,10 @@ srun python train/train.py configs/tiny.yaml     (one task per GPU; see slurm/)
 
 import sys
 
-from deepsuite.training.trainer import main
-
 if __name__ == "__main__":
+    from deepsuite.training.preemption import listen
+
+    listen()  # before the slow imports: a preemption notice during start-up is kept, not lost
+    from deepsuite.training.trainer import main
+
     sys.exit(main())

@@ -1,11 +1,12 @@
-"""Expert parallelism: rank detection, EP x EDP groups, all-to-all dispatch, expert sharding.
+"""Expert parallelism: rank detection, EP x EDP groups, all-to-all dispatch, expert sharding (the
+convention: ``expert_shard.py``), and the DeepSpeed engine (``engine.py``).
 
 Order on every rank (the train entry point does this)::
 
     env = init_distributed(backend="auto", timeout_s=600)      # torchrun/deepspeed/accelerate/SLURM
     groups = setup_expert_parallel(ep, cfg.moe.n_routed_experts)  # validates before any collective
     check_same_config(cfg)
-    model = build_model(cfg)                                  # same seed on every rank
+    model = DeepSeekLM(cfg)                                   # same seed on every rank
     apply_expert_parallel(model, groups)                      # shard experts, swap dispatcher
     opt = torch.optim.AdamW(moe_param_groups(model, wd), lr)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)
@@ -19,6 +20,7 @@ The expert_parallel names import DeepSpeed and the MoE layer, so they load on fi
 
 from typing import Any
 
+from deepsuite.config import validate_expert_parallel
 from deepsuite.distributed.comm import CollectiveTimeoutError, all_to_all_rows, guard_collectives
 from deepsuite.distributed.dispatch import AllToAllDispatcher, CommStats
 from deepsuite.distributed.env import DistEnv, detect_env, init_distributed
@@ -26,7 +28,6 @@ from deepsuite.distributed.groups import (
     ExpertParallelGroups,
     check_same_config,
     setup_expert_parallel,
-    validate_expert_parallel,
 )
 
 _LAZY = {

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from deepsuite.config import validate_expert_parallel
 from deepsuite.distributed.comm import all_to_all_rows
 from deepsuite.layers.moe.dispatch import ExpertRows
 from deepsuite.layers.moe.router import count_ids
@@ -79,11 +80,7 @@ class AllToAllDispatcher:
         self.group = ep_group
         self.ep_size = dist.get_world_size(ep_group)
         self.ep_rank = dist.get_rank(ep_group)
-        if not isinstance(n_experts, int) or n_experts <= 0 or n_experts % self.ep_size:
-            raise ValueError(
-                f"n_experts: expected a positive multiple of the expert-parallel size "
-                f"{self.ep_size}, got {n_experts}"
-            )
+        validate_expert_parallel(n_experts, None, self.ep_size)
         self.n_experts = n_experts
         self.n_local = n_experts // self.ep_size
         self.sync_timing = sync_timing

@@ -11,7 +11,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "detect_env", "first_slurm_host", "init_distributed"]
+__all__ = ["DistEnv", "detect_env", "first_slurm_host", "init_distributed", "resolve_backend"]
 
 DEFAULT_PORT = 29500
 
@@ -139,6 +139,18 @@ def _init_on_agent_store(backend: str, info: DistEnv, timeout: timedelta) -> Non
     )
 
 
+def resolve_backend(backend: str = "auto") -> str:
+    """The torch.distributed backend for ``backend``: "auto" is nccl where CUDA is visible (as
+    DeepSpeed's accelerator then is CUDA), gloo on the CPU; "nccl" without CUDA is an error."""
+    if backend not in ("auto", "gloo", "nccl"):
+        raise ValueError(f"backend: expected 'auto', 'gloo' or 'nccl', got {backend!r}")
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ValueError("backend: 'nccl' needs CUDA; use 'gloo' or 'auto' on CPU")
+    return backend
+
+
 def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> DistEnv:
     """Detect the environment and start torch.distributed through ``deepspeed.init_distributed``.
 
@@ -150,15 +162,10 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> DistEn
     Returns:
         The detected DistEnv. Idempotent: a second call only re-reads the environment.
     """
-    if backend not in ("auto", "gloo", "nccl"):
-        raise ValueError(f"backend: expected 'auto', 'gloo' or 'nccl', got {backend!r}")
+    backend = resolve_backend(backend)
     if timeout_s <= 0:
         raise ValueError(f"timeout_s: expected > 0 seconds, got {timeout_s}")
     info = detect_env()
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl" and not torch.cuda.is_available():
-        raise ValueError("backend: 'nccl' needs CUDA; use 'gloo' or 'auto' on CPU")
     # deepspeed reads env:// variables; SLURM-only launches do not set them
     for key, value in {
         "RANK": info.rank,

@@ -5,120 +5,43 @@ Letters: E global routed experts, L = E / ep local experts, F expert hidden, D m
 
 Per DeepSeekMoE layer on EP rank r: ``moe.experts`` becomes an ``ExpertShard`` holding a
 GroupedExperts with experts [r*L, (r+1)*L) of the (identically initialised) full set, and
-``moe.dispatcher`` an AllToAllDispatcher over the EP group. ExpertShard subclasses DeepSpeed's
-``MoE`` only as a marker (DeepSpeed switches on expert-data-parallel reduction, expert optimizer
-groups and per-expert checkpoint files for instances of it); it never runs DeepSpeed's MoE code.
+``moe.dispatcher`` an AllToAllDispatcher over the EP group. How shards are placed, named and
+tagged for DeepSpeed is :mod:`deepsuite.distributed.expert_shard`; this module applies it, groups
+the optimizer's parameters, keeps the balancing bias identical on every rank, and gathers the
+shards back into one state dict.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from deepspeed.moe.layer import MoE as _DeepSpeedMoE
 from torch import Tensor, nn
 
+from deepsuite.config import validate_expert_parallel
 from deepsuite.distributed.comm import all_gather_flat
 from deepsuite.distributed.dispatch import AllToAllDispatcher
-from deepsuite.distributed.groups import (
-    ExpertParallelGroups,
-    check_same_config,
-    validate_expert_parallel,
+from deepsuite.distributed.expert_shard import (
+    EXPERT_WEIGHTS,
+    ExpertShard,
+    shard_experts,
+    tag_expert_parameters,
 )
-from deepsuite.layers.moe import DeepSeekMoE, ExpertRows, GroupedExperts
+from deepsuite.distributed.groups import ExpertParallelGroups, check_same_config
+from deepsuite.layers.moe import DeepSeekMoE
 
 __all__ = [
     "ExpertShard",
     "apply_expert_parallel",
+    "full_state_dict",
     "moe_layers",
     "moe_param_groups",
     "sync_and_update_bias",
     "tag_expert_parameters",
     "verify_bias_identical",
 ]
-
-# DeepSpeed finds per-expert checkpoint entries by this infix (engine._save_moe_checkpoint)
-_DS_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
-_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
-
-
-class ExpertShard(_DeepSpeedMoE):
-    """This rank's slice of a layer's routed experts, marked as a DeepSpeed MoE module.
-
-    ``forward(x_ND, counts_L) -> y_ND`` is the wrapped GroupedExperts (``self.local``, L experts).
-    Its state dict holds one entry per local expert,
-    ``deepspeed_moe.experts.deepspeed_experts.<i>.{gate_proj,up_proj,down_proj}`` ([F, D] /
-    [D, F]), so DeepSpeed writes one checkpoint file per GLOBAL expert from every EP rank;
-    loading accepts the same keys and stacks them back.
-    """
-
-    def __init__(self, local: GroupedExperts, n_experts: int, ep_rank: int, group_name: str):
-        nn.Module.__init__(self)  # the marker: none of DeepSpeed's MoE construction
-        self.local = local
-        self.num_experts = n_experts
-        self.num_local_experts = local.n_experts
-        self.ep_size = n_experts // local.n_experts
-        self.ep_rank = ep_rank
-        self.expert_group_name = group_name
-        self.use_residual = False
-        self.enable_expert_tensor_parallelism = False
-        self.register_state_dict_post_hook(_split_experts_hook)
-        self.register_load_state_dict_pre_hook(_stack_experts_hook)
-
-    def forward(self, x: Tensor | ExpertRows, counts_L: Tensor | Sequence[int]) -> Tensor:  # type: ignore[override]
-        return self.local(x, counts_L)
-
-    def set_deepspeed_parallelism(self, *args: Any, **kwargs: Any) -> None:
-        """Called by the engine: the groups must already exist (``setup_expert_parallel``)."""
-        from deepspeed.utils import groups
-
-        if self.expert_group_name not in groups._get_expert_parallel_group_dict():
-            raise RuntimeError(
-                f"ExpertShard: process groups '{self.expert_group_name}' do not exist; call "
-                f"setup_expert_parallel(ep={self.ep_size}, ...) before deepspeed.initialize"
-            )
-
-    # read-only views so code that inspects moe.experts keeps working
-    @property
-    def n_experts(self) -> int:
-        return self.local.n_experts
-
-    @property
-    def gate_proj(self) -> nn.Parameter:
-        return self.local.gate_proj
-
-    @property
-    def up_proj(self) -> nn.Parameter:
-        return self.local.up_proj
-
-    @property
-    def down_proj(self) -> nn.Parameter:
-        return self.local.down_proj
-
-    def extra_repr(self) -> str:
-        return (
-            f"experts [{self.ep_rank * self.num_local_experts}, "
-            f"{(self.ep_rank + 1) * self.num_local_experts}) of {self.num_experts}, "
-            f"group={self.expert_group_name}"
-        )
-
-
-def _split_experts_hook(module: ExpertShard, state: dict, prefix: str, _meta: Any) -> None:
-    for name in _WEIGHTS:
-        key = f"{prefix}local.{name}"
-        if key in state:
-            w = state.pop(key)
-            for i in range(w.shape[0]):
-                state[f"{prefix}{_DS_PREFIX}{i}.{name}"] = w[i]
-
-
-def _stack_experts_hook(module: ExpertShard, state: dict, prefix: str, *_: Any) -> None:
-    for name in _WEIGHTS:
-        keys = [f"{prefix}{_DS_PREFIX}{i}.{name}" for i in range(module.num_local_experts)]
-        if all(k in state for k in keys):
-            state[f"{prefix}local.{name}"] = torch.stack([state.pop(k) for k in keys])
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, DeepSeekMoE]]:
@@ -143,9 +66,8 @@ def apply_expert_parallel(
 
     Every rank must have built the model identically (same seed); with ``check_replicated`` a
     fingerprint of the full expert weights is compared over the world first (one all-gather) and
-    a mismatch raises on every rank. Expert parameters are tagged ``allreduce=False`` and
-    ``group_name=groups.group_name`` so DeepSpeed reduces their gradients over the
-    expert-data-parallel group only.
+    a mismatch raises on every rank. The shards follow the convention of
+    :mod:`deepsuite.distributed.expert_shard` (placement, names, DeepSpeed tags).
 
     Returns:
         The names of the converted layers.
@@ -158,7 +80,9 @@ def apply_expert_parallel(
             raise ValueError(f"{name}: expert parallelism is already applied")
         validate_expert_parallel(moe.n_routed_experts, dist.get_world_size(), groups.ep_size)
     if check_replicated:
-        prints = {n: [_fingerprint(getattr(m.experts, w)) for w in _WEIGHTS] for n, m in layers}
+        prints = {
+            n: [_fingerprint(getattr(m.experts, w)) for w in EXPERT_WEIGHTS] for n, m in layers
+        }
         try:
             check_same_config(prints)
         except ValueError as err:
@@ -167,30 +91,11 @@ def apply_expert_parallel(
                 f"with the same seed on every rank ({err})"
             ) from err
     for _name, moe in layers:
-        E = moe.n_routed_experts
-        L = E // groups.ep_size
-        lo = groups.ep_rank * L
-        local = moe.experts.slice_experts(lo, lo + L)
-        moe.experts = ExpertShard(local, E, groups.ep_rank, groups.group_name)
-        moe.dispatcher = AllToAllDispatcher(E, groups.ep_group, sync_timing=sync_timing)
-    tag_expert_parameters(model)
+        moe.experts = shard_experts(moe.experts, groups.ep_size, groups.ep_rank)
+        moe.dispatcher = AllToAllDispatcher(
+            moe.n_routed_experts, groups.ep_group, sync_timing=sync_timing
+        )
     return [n for n, _ in layers]
-
-
-def tag_expert_parameters(model: nn.Module) -> int:
-    """Mark every ExpertShard's parameters ``allreduce=False``, ``group_name=<its EP group>``.
-
-    Call again after anything that replaces Parameter objects (``to_empty`` from the meta device
-    does): untagged expert shards would be averaged over the whole world. Returns the count.
-    """
-    n = 0
-    for _, moe in moe_layers(model):
-        if isinstance(moe.experts, ExpertShard):
-            for p in moe.experts.parameters():
-                p.allreduce = False
-                p.group_name = moe.experts.expert_group_name
-                n += 1
-    return n
 
 
 def _default_no_decay(name: str, p: nn.Parameter) -> bool:
@@ -270,12 +175,31 @@ def verify_bias_identical(model: nn.Module, group: dist.ProcessGroup | None = No
         start = stop
 
 
-def tag_summary(params: Iterable[nn.Parameter]) -> dict[str, int]:
-    """Count parameters per DeepSpeed group name ('dense' for untagged) -- for logs and tests."""
-    out: dict[str, int] = {}
-    for p in params:
-        key = (
-            getattr(p, "group_name", "dense") if getattr(p, "allreduce", True) is False else "dense"
-        )
-        out[key] = out.get(key, 0) + p.numel()
-    return out
+@torch.no_grad()
+def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The unsharded model's state dict on every rank, on the CPU: expert shards all-gathered over
+    each layer's EP group into the stacked ``<layer>.experts.<weight>`` [E, ...] of one process.
+
+    ZeRO stages 0-2 keep full parameters on every rank, so only the expert shards need a collective.
+    """
+    layers = moe_layers(model)
+    sharded = tuple(f"{name}.experts." for name, _ in layers)
+    state = {
+        k: v.detach().cpu().clone()
+        for k, v in model.state_dict().items()
+        if not k.startswith(sharded)
+    }
+    for name, moe in layers:
+        experts = moe.experts
+        for w in EXPERT_WEIGHTS:
+            if isinstance(experts, ExpertShard):
+                local = getattr(experts.local, w).detach().contiguous()
+                group = moe.dispatcher.group
+                size = dist.get_world_size(group)
+                gathered = local.new_empty((size * local.shape[0], *local.shape[1:]))
+                dist.all_gather_into_tensor(gathered, local, group=group)
+                full = gathered
+            else:
+                full = getattr(experts, w).detach()
+            state[f"{name}.experts.{w}"] = full.cpu().clone()
+    return state

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from deepsuite.config import validate_expert_parallel
 from deepsuite.distributed.comm import all_gather_flat
 
 __all__ = [
@@ -25,7 +26,6 @@ __all__ = [
     "check_same_config",
     "config_digest",
     "setup_expert_parallel",
-    "validate_expert_parallel",
 ]
 
 
@@ -42,39 +42,6 @@ class ExpertParallelGroups:
     edp_group: ProcessGroup
 
 
-def validate_expert_parallel(n_routed_experts: int, world_size: int, ep: int) -> None:
-    """Raise ValueError saying what to change unless ep divides both experts and world.
-
-    Pure: runs before any collective, so every rank fails the same way at once.
-    """
-    for name, value in (("n_routed_experts", n_routed_experts), ("world_size", world_size)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    if not isinstance(ep, int) or ep < 1:
-        raise ValueError(f"parallel.ep: expected a positive int, got {ep!r}")
-    if ep > n_routed_experts:
-        raise ValueError(
-            f"parallel.ep={ep} exceeds moe.n_routed_experts={n_routed_experts}: every "
-            f"expert-parallel rank needs at least one expert; use ep <= {n_routed_experts}"
-        )
-    # the ep sizes that would work with these experts and this world, for the messages
-    ok = [
-        d
-        for d in range(1, min(n_routed_experts, world_size) + 1)
-        if n_routed_experts % d == 0 and world_size % d == 0
-    ]
-    if n_routed_experts % ep:
-        raise ValueError(
-            f"moe.n_routed_experts={n_routed_experts} is not divisible by parallel.ep={ep}: "
-            f"choose ep from {ok} or change n_routed_experts to a multiple of {ep}"
-        )
-    if world_size % ep:
-        raise ValueError(
-            f"world size {world_size} is not divisible by parallel.ep={ep}: launch a multiple "
-            f"of {ep} ranks or choose ep from {ok}"
-        )
-
-
 def setup_expert_parallel(ep: int, n_routed_experts: int) -> ExpertParallelGroups:
     """Validate, then create (or reuse) DeepSpeed's ``ep_size_<ep>`` groups on every rank.
 
@@ -86,7 +53,9 @@ def setup_expert_parallel(ep: int, n_routed_experts: int) -> ExpertParallelGroup
     validate_expert_parallel(n_routed_experts, world, ep)
     from deepspeed.utils import groups
 
-    name = f"ep_size_{ep}"
+    from deepsuite.distributed.expert_shard import group_name
+
+    name = group_name(ep)
     if name not in groups._get_expert_parallel_group_dict():
         groups._create_expert_and_data_parallel(ep)
     return ExpertParallelGroups(

@@ -1,7 +1,7 @@
 """Single-device, pure layers: nothing here imports torch.distributed, reads a rank or keeps globals.
 
 Parallelism (expert sharding, all-to-all dispatch) is applied from outside by
-``deepsuite.distributed``; see the seed README for the public names kept from deepsuite 1.0.8.
+``deepsuite.distributed``; the public names are those of the seed package, deepsuite 1.0.8 (README.md, "Layers").
 """
 
 from deepsuite.layers.attention import (

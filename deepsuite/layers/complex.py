@@ -1,5 +1,8 @@
 """Complex-valued layers (Trabelsi et al. 2018, "Deep Complex Networks") for audio and spectra.
 
+One module over 400 lines on purpose: ``deepsuite.layers.complex`` is the seed package's public
+path, and its layers share the split / merge / whitening helpers at the top.
+
 Layout: (B, C, ..., 2) with the last dim [real, imag], or a native complex tensor (B, C, ...).
 Every layer returns the same kind it was given. B batch, C channels, D features (last complex
 dim of linear / layer-norm inputs). A complex weight W = A + iB acts on x + iy as

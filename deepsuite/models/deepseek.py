@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
-from deepsuite.config import Config
+from deepsuite.config import ModelArgs
 from deepsuite.layers.attention import MultiHeadLatentAttention, RotaryPositionEmbedding
 from deepsuite.layers.mlp import SwiGLU
-from deepsuite.layers.moe import DeepSeekMoE
+from deepsuite.layers.moe import DeepSeekMoE, GroupedExperts
 from deepsuite.models.aux_heads import aux_head_loss, build_aux_head
 
 IGNORE_INDEX = -100
@@ -33,8 +33,8 @@ def _generator(key: str, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(zlib.crc32(key.encode()))
 
 
-def build_attention(cfg: Config) -> MultiHeadLatentAttention:
-    m, a = cfg.model, cfg.mla
+def build_attention(args: ModelArgs) -> MultiHeadLatentAttention:
+    m, a = args.model, args.mla
     return MultiHeadLatentAttention(
         dim=m.dim,
         n_heads=m.n_heads,
@@ -51,42 +51,35 @@ def build_attention(cfg: Config) -> MultiHeadLatentAttention:
     )
 
 
-def build_moe(cfg: Config) -> DeepSeekMoE:
-    e = cfg.moe
+def build_moe(args: ModelArgs) -> DeepSeekMoE:
+    e = args.moe
     return DeepSeekMoE(
-        d_model=cfg.model.dim,
+        d_model=args.model.dim,
         n_shared_experts=e.n_shared_experts,
         n_routed_experts=e.n_routed_experts,
         n_expert_per_token=e.n_expert_per_token,
         expert_intermediate_size=e.expert_intermediate_size,
-        n_group=e.n_group,
-        topk_group=e.topk_group,
-        score_func=e.score_func,
-        route_scale=e.route_scale,
-        norm_topk_prob=e.norm_topk_prob,
-        top_p=e.top_p or None,
-        seq_aux_alpha=e.seq_aux_alpha,
-        aux_loss_alpha=e.aux_loss_alpha,
-        bias_update_speed=e.bias_update_speed,
-        bias_recenter=e.bias_recenter,
-        use_expert_bias=e.use_expert_bias,
+        routing=e.routing(),
+        balance=e.balance(),
     )
+
+
+def call_block(block: nn.Module, *args: Tensor | None) -> Tensor:
+    """How :class:`DeepSeekLM` calls a block unless training code swaps in another way (e.g.
+    :func:`deepsuite.training.activation_checkpointing.apply_activation_checkpointing`)."""
+    return block(*args)
 
 
 class Block(nn.Module):
     """Pre-norm transformer block: MLA then a dense SwiGLU or a DeepSeekMoE."""
 
-    def __init__(self, cfg: Config, moe: bool) -> None:
+    def __init__(self, args: ModelArgs, moe: bool) -> None:
         super().__init__()
-        dim, eps = cfg.model.dim, cfg.model.norm_eps
+        dim, eps = args.model.dim, args.model.norm_eps
         self.attn_norm = nn.RMSNorm(dim, eps=eps)
-        self.attn = build_attention(cfg)
+        self.attn = build_attention(args)
         self.ffn_norm = nn.RMSNorm(dim, eps=eps)
-        self.ffn: nn.Module = build_moe(cfg) if moe else SwiGLU(dim, cfg.model.inter_dim)
-
-    @property
-    def is_moe(self) -> bool:
-        return isinstance(self.ffn, DeepSeekMoE)
+        self.ffn: nn.Module = build_moe(args) if moe else SwiGLU(dim, args.model.inter_dim)
 
     def forward(
         self,
@@ -109,13 +102,13 @@ class MTPModule(nn.Module):
     (``shared_head.norm`` in the DeepSeek-V3 release).
     """
 
-    def __init__(self, cfg: Config, moe: bool) -> None:
+    def __init__(self, args: ModelArgs, moe: bool) -> None:
         super().__init__()
-        dim, eps = cfg.model.dim, cfg.model.norm_eps
+        dim, eps = args.model.dim, args.model.norm_eps
         self.hidden_norm = nn.RMSNorm(dim, eps=eps)
         self.embed_norm = nn.RMSNorm(dim, eps=eps)
         self.proj = nn.Linear(2 * dim, dim, bias=False)
-        self.block = Block(cfg, moe=moe)
+        self.block = Block(args, moe=moe)
         self.norm = nn.RMSNorm(dim, eps=eps)
 
     def forward(
@@ -140,26 +133,33 @@ class LMOutput:
 
 
 class DeepSeekLM(nn.Module):
-    """Decoder-only MoE language model with MLA attention and optional MTP."""
+    """Decoder-only MoE language model with MLA attention and optional MTP.
 
-    def __init__(self, cfg: Config) -> None:
+    Built from the architecture sections only (``args.model``, ``args.mla``, ``args.moe``; a full
+    Config is accepted and its other sections ignored). Training concerns are applied from
+    outside, as expert parallelism is: blocks (main and MTP) are called through ``call_block``,
+    which activation checkpointing replaces.
+    """
+
+    def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        m = cfg.model
+        m = args.model
         if m.vocab_size <= 0:
             raise ValueError(
                 "model.vocab_size: expected a positive size (resolve 0 from the tokenizer first)"
             )
-        self.cfg = cfg
+        self.args = ModelArgs(model=args.model, mla=args.mla, moe=args.moe)
+        self.call_block: Callable[..., Tensor] = call_block
         self.embed = nn.Embedding(m.vocab_size, m.dim)
         self.layers = nn.ModuleList(
-            Block(cfg, moe=i >= m.n_dense_layers) for i in range(m.n_layers)
+            Block(self.args, moe=i >= m.n_dense_layers) for i in range(m.n_layers)
         )
         self.norm = nn.RMSNorm(m.dim, eps=m.norm_eps)
         self.head = nn.Linear(m.dim, m.vocab_size, bias=False)
         if m.tie_embeddings:
             self.head.weight = self.embed.weight
         moe_mtp = m.n_dense_layers < m.n_layers
-        self.mtp = nn.ModuleList(MTPModule(cfg, moe=moe_mtp) for _ in range(m.mtp_depth))
+        self.mtp = nn.ModuleList(MTPModule(self.args, moe=moe_mtp) for _ in range(m.mtp_depth))
         self.aux_heads = nn.ModuleDict(
             {h.name: build_aux_head(h, m.dim, m.vocab_size) for h in m.aux_heads}
         )
@@ -183,19 +183,24 @@ class DeepSeekLM(nn.Module):
         """
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, (), device="cpu").item())
-        std = self.cfg.model.init_std
-        out_std = std / math.sqrt(2 * self.cfg.model.n_layers)
-        first_expert = {}  # GroupedExperts (possibly a shard's local slice) -> its first global id
-        for moe in self.moe_layers():
-            local = getattr(moe.experts, "local", moe.experts)
-            first_expert[id(local)] = getattr(moe.experts, "ep_rank", 0) * local.n_experts
+        std = self.args.model.init_std
+        out_std = std / math.sqrt(2 * self.args.model.n_layers)
+        # the routed experts of each MoE layer, wrapped by expert parallelism or not, are named
+        # as in the unsharded model: '<layer>.experts.<weight>'
+        experts_name = {
+            id(m): f"{name}.experts"
+            for name, moe in self.named_modules()
+            if isinstance(moe, DeepSeekMoE)
+            for m in moe.experts.modules()
+            if isinstance(m, GroupedExperts)
+        }
         for mod_name, module in self.named_modules():
             if mod_name.startswith("aux_heads"):
                 continue
             for p_name, p in module.named_parameters(recurse=False):
                 if p.is_meta:
                     continue
-                name = f"{mod_name}.{p_name}".replace(".experts.local.", ".experts.")
+                name = f"{experts_name.get(id(module), mod_name)}.{p_name}"
                 if p.dim() == 1:  # norm gains
                     p.fill_(1.0)
                     continue
@@ -204,9 +209,9 @@ class DeepSeekLM(nn.Module):
                     if name.endswith(("o_proj.weight", "down_proj.weight", "down_proj"))
                     else std
                 )
-                if id(module) in first_expert:  # stacked experts: one stream per global expert
+                if isinstance(module, GroupedExperts):  # one stream per GLOBAL expert it holds
                     for i in range(p.shape[0]):
-                        key = f"{seed}/{name}/{first_expert[id(module)] + i}"
+                        key = f"{seed}/{name}/{module.first_expert + i}"
                         p[i].normal_(0.0, sd, generator=_generator(key, p.device))
                 else:
                     p.normal_(0.0, sd, generator=_generator(f"{seed}/{name}", p.device))
@@ -229,17 +234,6 @@ class DeepSeekLM(nn.Module):
                     m.reset_parameters()
         self.reset_parameters(seed)
 
-    def _run(self, block: nn.Module, *args: Tensor | None) -> Tensor:
-        """block(*args), under activation checkpointing when training with it on (the block's
-        activations are recomputed in backward, all-to-alls included)."""
-        if (
-            self.training
-            and self.cfg.train.activation_checkpointing == "full"
-            and torch.is_grad_enabled()
-        ):
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
-
     def moe_layers(self) -> list[DeepSeekMoE]:
         """Every DeepSeekMoE in the model (main blocks first, then MTP blocks), in a fixed order."""
         return [m for m in self.modules() if isinstance(m, DeepSeekMoE)]
@@ -260,7 +254,7 @@ class DeepSeekLM(nn.Module):
         h_BSD = emb_BSD
         aux_losses: dict[str, Tensor] = {}
         for i, layer in enumerate(self.layers):
-            h_BSD = self._run(layer, h_BSD, attention_mask, position_ids)
+            h_BSD = self.call_block(layer, h_BSD, attention_mask, position_ids)
             if labels is not None:
                 for head_cfg in self._aux_at.get(i, ()):
                     head = self.aux_heads[head_cfg.name]
@@ -279,12 +273,12 @@ class DeepSeekLM(nn.Module):
         mtp_loss = None
         if len(self.mtp):
             mtp_loss = self._mtp_loss(h_BSD, emb_BSD, labels, position_ids, attention_mask)
-            total = total + self.cfg.model.mtp_loss_weight * mtp_loss
+            total = total + self.args.model.mtp_loss_weight * mtp_loss
         aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
         moe_aux = torch.stack(aux).sum() if aux else None
         if moe_aux is not None:
             total = total + moe_aux
-        for head_cfg in self.cfg.model.aux_heads:
+        for head_cfg in self.args.model.aux_heads:
             total = total + head_cfg.weight * aux_losses[head_cfg.name]
         return LMOutput(
             logits=logits,
@@ -311,7 +305,7 @@ class DeepSeekLM(nn.Module):
             # depth k sees the embedding of token t+k (the previous depth's target) and predicts t+k+1
             next_emb = self.embed(target.clamp_min(0))
             target = torch.cat([target[:, 1:], ignore], dim=1)
-            h_BSD = self._run(module, h_BSD, next_emb, position_ids, attention_mask)
+            h_BSD = self.call_block(module, h_BSD, next_emb, position_ids, attention_mask)
             logits = self.head(module.norm(h_BSD)).float()
             losses.append(
                 F.cross_entropy(

@@ -1,6 +1,6 @@
 """Parameter counts of a config, total and activated per token, from a model built on the meta device.
 
-Convention (REFERENCES.md): "activated" counts every dense parameter (attention, dense FFNs, norms,
+Convention (docs/formulas.md, "Parameter counts"): "activated" counts every dense parameter (attention, dense FFNs, norms,
 the embedding table and the output head) plus, per MoE layer, the router, the shared experts and
 ``n_expert_per_token`` routed experts. MTP modules are reported separately, as the report does.
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from deepsuite.config import Config
+from deepsuite.config import ModelArgs
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def human(n: float) -> str:
     return str(int(n))
 
 
-def count_parameters(cfg: Config, vocab_size: int | None = None) -> ParamCount:
+def count_parameters(cfg: ModelArgs, vocab_size: int | None = None) -> ParamCount:
     """Build the model on the meta device (no memory) and count its parameters."""
     from deepsuite.models.deepseek import DeepSeekLM
 
@@ -50,8 +50,8 @@ def count_parameters(cfg: Config, vocab_size: int | None = None) -> ParamCount:
 
 def count_model_parameters(model: torch.nn.Module) -> ParamCount:
     """Counts for an instantiated :class:`DeepSeekLM` (meta or real); see the module docstring."""
-    cfg: Config = model.cfg  # type: ignore[assignment]
-    n_active_routed = cfg.moe.n_expert_per_token
+    args: ModelArgs = model.args  # type: ignore[assignment]
+    n_active_routed = args.moe.n_expert_per_token
     total = activated = expert = mtp = 0
     for name, p in model.named_parameters():  # shared (tied) tensors are listed once
         n = p.numel()

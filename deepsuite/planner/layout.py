@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from deepsuite.config import Config
+from deepsuite.config import Config, validate_expert_parallel
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -111,19 +111,14 @@ def validate_layout(cfg: Config, lay: Layout) -> None:
     if lay.precision not in ("fp32", "bf16"):
         raise ValueError(f"precision: expected 'fp32' or 'bf16', got {lay.precision!r}")
     E = cfg.moe.n_routed_experts
-    if lay.ep > E:
+    validate_expert_parallel(E, None, lay.ep)
+    try:
+        validate_expert_parallel(E, lay.world, lay.ep)
+    except ValueError as err:  # only the world can be wrong here: say where it comes from
         raise ValueError(
-            f"parallel.ep={lay.ep} exceeds moe.n_routed_experts={E}: every expert-parallel rank "
-            f"needs at least one expert; use ep <= {E}"
-        )
-    if E % lay.ep:
-        raise ValueError(f"parallel.ep={lay.ep}: expected a divisor of moe.n_routed_experts={E}")
-    if lay.world % lay.ep:
-        raise ValueError(
-            f"parallel.ep={lay.ep}: expected a divisor of the world size {lay.world} "
-            f"({lay.nodes} nodes x {lay.gpus_per_node} GPUs); change --nodes, --gpus-per-node "
-            f"or parallel.ep"
-        )
+            f"{err} (world = {lay.nodes} nodes x {lay.gpus_per_node} GPUs; --nodes and "
+            f"--gpus-per-node set it)"
+        ) from None
     if lay.ep > lay.gpus_per_node and lay.ep % lay.gpus_per_node:
         raise ValueError(
             f"parallel.ep={lay.ep}: an EP group wider than a node must span whole nodes "

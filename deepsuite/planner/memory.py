@@ -200,7 +200,7 @@ def kv_cache_bytes(cfg: Config, tokens: int, itemsize: int = 2) -> tuple[int, in
 
     MLA caches c_KV + k_rope = kv_lora_rank + qk_rope_head_dim values per token per layer; plain
     multi-head attention caches K and V of every head, n_heads x (qk_nope + v) values
-    (REFERENCES.md: 576 against 32768 for the V3 shape).
+    (docs/formulas.md: 576 against 32768 for the V3 shape).
     """
     a, m = cfg.mla, cfg.model
     layers = m.n_layers

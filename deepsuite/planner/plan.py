@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from deepsuite.config import Config
+from deepsuite.config import Config, expert_parallel_sizes
 from deepsuite.planner.comm import A2ATraffic, ReduceTraffic, balanced_a2a, reduce_traffic
 from deepsuite.planner.layout import HARDWARE, Hardware, Layout, validate_layout
 from deepsuite.planner.memory import (
@@ -178,8 +178,8 @@ def suggestions(plan: Plan, limit: int = 3) -> list[str]:
         tries.append((f"parallel.zero_stage={stage}", {"zero_stage": stage}))
     if not lay.activation_checkpointing:
         tries.append(("activation checkpointing (--activation-checkpointing)", {"ckpt": True}))
-    for ep in range(lay.ep + 1, min(E, lay.world) + 1):
-        if E % ep == 0 and lay.world % ep == 0:
+    for ep in expert_parallel_sizes(E, lay.world):
+        if ep > lay.ep:
             tries.append((f"parallel.ep={ep}", {"ep": ep}))
     mb = lay.micro_batch // 2
     while mb >= 1:

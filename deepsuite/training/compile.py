@@ -4,10 +4,12 @@ kind, compile time stays bounded by the block, not the depth, and whatever else 
 blocks (embedding, loss, the DeepSpeed engine) stays eager.
 
 ``apply_compile(model)`` compiles every child of ``model.layers`` and ``model.mtp`` in place
-(``nn.Module.compile``: parameter names and state-dict keys do not change). Apply it after
-activation checkpointing is wrapped around the blocks, so a checkpointed block is compiled
-whole and its recomputation happens inside the compiled backward; a checkpoint wrapped around a
-compiled block (the other order) also gives the same results.
+(``nn.Module.compile``: parameter names and state-dict keys do not change). It composes with
+activation checkpointing (``training/activation_checkpointing.py``), which changes how the model
+calls its blocks, not the blocks: with ``train.activation_checkpointing=full`` the model calls
+each compiled block through a checkpoint, which replays the compiled block in backward. A
+checkpoint wrapped around a block as a module and compiled whole (torchtitan's order) gives the
+same results too (both tested against eager).
 
 On one device (``LocalDispatcher``) every block is one graph, forward and backward
 (``fullgraph=True``: a graph break is an error). With expert parallelism each MoE layer's

@@ -8,7 +8,6 @@ message on every rank before any collective could hang.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,17 +18,13 @@ import torch.distributed as dist
 from deepsuite.config import Config
 from deepsuite.data import PackedLoader, Tokenizer, prepare_data, validate_data_config
 from deepsuite.distributed import DistEnv, check_same_config, detect_env, init_distributed
-from deepsuite.distributed.expert_parallel import (
-    apply_expert_parallel,
-    moe_param_groups,
-    tag_expert_parameters,
-)
-from deepsuite.distributed.groups import setup_expert_parallel, validate_expert_parallel
+from deepsuite.distributed.engine import build_engine, deepspeed_config
+from deepsuite.distributed.expert_parallel import apply_expert_parallel
+from deepsuite.distributed.groups import setup_expert_parallel
 from deepsuite.distributed.topology import resolve_group_limit
 from deepsuite.models import DeepSeekLM
-from deepsuite.training.checkpoint import make_safe_checkpoint_engine
+from deepsuite.training.activation_checkpointing import apply_activation_checkpointing
 from deepsuite.training.compile import apply_compile
-from deepsuite.training.schedule import lr_factor
 
 
 @dataclass
@@ -49,7 +44,7 @@ class RunParts:
 
 def validate_before_launch(cfg: Config, env: DistEnv) -> None:
     """Every check that needs no collective; raises ValueError/ConfigError naming the field."""
-    cfg.check_world(env.world_size)
+    cfg.check_world(env.world_size)  # the batch split and the expert-parallel rule
     validate_data_config(
         cfg.data,
         model_max_seq_len=cfg.model.max_seq_len,
@@ -57,27 +52,9 @@ def validate_before_launch(cfg: Config, env: DistEnv) -> None:
         micro_batch_size=cfg.train.micro_batch_size,
         global_batch_size=cfg.train.global_batch_size,
     )
-    if cfg.model.n_dense_layers < cfg.model.n_layers:
-        validate_expert_parallel(cfg.moe.n_routed_experts, env.world_size, cfg.parallel.ep)
     ds_path = Path(cfg.parallel.deepspeed_config)
     if not ds_path.is_file():
         raise ValueError(f"parallel.deepspeed_config: file not found: {ds_path}")
-
-
-def deepspeed_config(cfg: Config, grad_accum: int) -> dict[str, Any]:
-    """The DeepSpeed JSON under configs/ with the batch, clipping and precision of ``cfg``."""
-    ds = json.loads(Path(cfg.parallel.deepspeed_config).read_text())
-    ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
-    ds["gradient_accumulation_steps"] = grad_accum
-    ds["train_batch_size"] = cfg.train.global_batch_size
-    ds["gradient_clipping"] = cfg.optim.grad_clip
-    ds["bf16"] = {"enabled": cfg.train.precision == "bf16"}
-    ds.pop("optimizer", None)  # a torch optimizer is passed in (DeepSpeed's would compile ops)
-    ds.pop("scheduler", None)
-    if cfg.parallel.zero_stage >= 0:
-        ds.setdefault("zero_optimization", {})["stage"] = cfg.parallel.zero_stage
-    ds.setdefault("steps_per_print", 10**9)
-    return ds
 
 
 def build_run(cfg: Config) -> RunParts:
@@ -130,9 +107,10 @@ def build_run(cfg: Config) -> RunParts:
     if cfg.parallel.ep > 1:
         groups = setup_expert_parallel(cfg.parallel.ep, cfg.moe.n_routed_experts)
         apply_expert_parallel(model, groups, check_replicated=False)  # nothing to compare yet
-    model.materialize("cpu", seed=cfg.train.seed)
-    tag_expert_parameters(model)  # to_empty made new Parameter objects: tag them again
-    if cfg.train.compile:  # per block, in place: parameter names and checkpoints unchanged
+    model.materialize("cpu", seed=cfg.train.seed)  # expert shards keep their DeepSpeed tags
+    apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
+    if cfg.train.compile:  # per block, in place: parameter names and checkpoints unchanged;
+        # a checkpointed block's recomputation then replays the compiled block
         apply_compile(model, cfg.train.compile_backend)
 
     grad_accum = cfg.grad_accumulation_steps(W)
@@ -140,31 +118,3 @@ def build_run(cfg: Config) -> RunParts:
     return RunParts(
         cfg, env, run_dir, engine, model, tokenizer, train_loader, val_loader, grad_accum
     )
-
-
-def build_engine(cfg: Config, model: DeepSeekLM, ds_config: dict[str, Any]) -> Any:
-    """AdamW over the decay / no-decay / expert groups, the LR schedule, the DeepSpeed engine.
-
-    Shared by :func:`build_run` and the checkpoint resharder, so both build the same optimizer
-    layout (ep 1: experts are ordinary data-parallel parameters in the dense groups).
-    """
-    import deepspeed
-
-    param_groups = moe_param_groups(model, cfg.optim.weight_decay)
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(param_groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-    steps = cfg.train.steps
-
-    def scheduler(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, o))
-
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=ds_config,
-        dist_init_required=False,
-    )
-    engine.checkpoint_engine = make_safe_checkpoint_engine()
-    # the bf16 cast leaves the bias float32: Router._apply keeps it so under any dtype cast
-    return engine

@@ -15,32 +15,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import numbers
 import os
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
-from deepsuite.training.moe_stats import MoEStatsTracker, comm_stats, max_vio
+from deepsuite.runlog import JSONL_NAME, latest_loads, read_metrics
 
-__all__ = [
-    "JSONL_NAME",
-    "MetricsLogger",
-    "MoEStatsTracker",
-    "comm_stats",
-    "iter_scalar_series",
-    "max_vio",
-    "plain_config",
-    "read_metrics",
-]
+__all__ = ["BIAS_HIST_BINS", "MetricsLogger", "plain_config"]
 
-JSONL_NAME = "metrics.jsonl"
 WANDB_MODES = ("online", "offline", "disabled")
 # Scalars the console line shows, in this order, when present (the rest go to jsonl / wandb).
 _CONSOLE_KEYS = (
@@ -54,28 +43,6 @@ _CONSOLE_KEYS = (
     "moe/max_vio_global",
 )
 BIAS_HIST_BINS = 32
-
-
-def read_metrics(run_dir_or_file: str | Path) -> list[dict[str, Any]]:
-    """All jsonl records of a run, in file order. Accepts the run directory or the file.
-
-    A truncated last line (a run killed mid-write) is skipped.
-    """
-    p = Path(run_dir_or_file)
-    path = p / JSONL_NAME if p.is_dir() else p
-    if not path.is_file():
-        raise ValueError(f"run_dir_or_file: no metrics file at {path}")
-    records = []
-    with path.open() as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
 
 
 def plain_config(config: Any) -> dict[str, Any]:
@@ -289,7 +256,7 @@ class MetricsLogger:
         jsonl so far, to wandb as images (and a per-expert load table). No-op without wandb."""
         if not self.active or self._wandb is None or self._file is None:
             return
-        from deepsuite.plotting import draw_all, figure_to_rgb, latest_loads
+        from deepsuite.plotting import draw_all, figure_to_rgb  # matplotlib: only when drawing
 
         self._file.flush()
         records = read_metrics(self.jsonl_path)
@@ -324,11 +291,3 @@ class MetricsLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def iter_scalar_series(records: list[dict[str, Any]], key: str) -> Iterator[tuple[int, float]]:
-    """(step, value) for every record holding a finite scalar under `key`."""
-    for r in records:
-        v = r.get(key)
-        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
-            yield int(r["step"]), float(v)

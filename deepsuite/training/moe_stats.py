@@ -23,7 +23,6 @@ __all__ = [
     "load_entropy",
     "max_vio",
     "mfu",
-    "router_entropy",
 ]
 
 
@@ -65,24 +64,6 @@ def load_entropy(counts_E: Any) -> float:
         return 1.0
     p = c[c > 0] / total
     return float(-(p * np.log(p)).sum() / math.log(c.size))
-
-
-def router_entropy(scores_TE: Any) -> float:
-    """Mean over tokens of the entropy (nats) of each token's normalised router scores.
-
-    scores_TE: [T, E] non-negative affinities (sigmoid or softmax outputs). Rows are divided by
-    their sum first, so sigmoid scores are treated like V3's normalised gate.
-    """
-    if hasattr(scores_TE, "detach"):
-        scores_TE = scores_TE.detach().to("cpu").double().numpy()
-    s = np.asarray(scores_TE, dtype=np.float64)
-    if s.ndim != 2 or s.shape[0] == 0:
-        raise ValueError(f"scores_TE must be [T, E] with T > 0, got shape {tuple(s.shape)}")
-    if np.any(s < 0):
-        raise ValueError("scores_TE must be non-negative (sigmoid/softmax outputs)")
-    p = s / np.clip(s.sum(axis=1, keepdims=True), 1e-30, None)
-    plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
-    return float(-plogp.sum(axis=1).mean())
 
 
 def comm_stats(
@@ -254,11 +235,6 @@ class MoEStatsTracker:
             out["moe/max_vio_global"] = float(np.mean(vios_g))
             out["moe/max_vio_worst"] = float(np.max(vios))
         return out
-
-    def reset(self) -> None:
-        """Forgets every window (e.g. after a resume with a different batch size)."""
-        self._counts.clear()
-        self._latest.clear()
 
 
 def _checked(c: np.ndarray, name: str) -> np.ndarray:

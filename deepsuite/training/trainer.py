@@ -15,23 +15,25 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from deepsuite.atomic import atomic_write_text
+from deepsuite.checkpoint.export import export_safetensors
+from deepsuite.checkpoint.layout import tag_for_step
+from deepsuite.checkpoint.run import TrainerState, resume_run, save_run
 from deepsuite.config import Config, load_config
 from deepsuite.data.loader import model_inputs
 from deepsuite.distributed.comm import guard_collectives
 from deepsuite.distributed.expert_parallel import (
     moe_layers,
     sync_and_update_bias,
-    verify_bias_identical,
 )
-from deepsuite.distributed.reshard import load_any_layout
 from deepsuite.models import count_parameters
-from deepsuite.training import checkpoint as ckpt
+from deepsuite.runlog import JSONL_NAME, keep_steps_up_to
+from deepsuite.training import preemption
 from deepsuite.training.engine import RunParts, build_run
-from deepsuite.training.export import export_safetensors
 from deepsuite.training.metrics import MetricsLogger
 from deepsuite.training.moe_stats import (
     MoEStatsTracker,
@@ -40,8 +42,7 @@ from deepsuite.training.moe_stats import (
     max_vio,
     mfu,
 )
-from deepsuite.training.preemption import StopRequested
-from deepsuite.training.schedule import bias_gamma
+from deepsuite.training.step_stats import StepStats
 
 
 def _layer_index(name: str, n_layers: int) -> int:
@@ -51,13 +52,23 @@ def _layer_index(name: str, n_layers: int) -> int:
 
 
 class Trainer:
+    """One run's loop over the pieces :func:`~deepsuite.training.engine.build_run` made."""
+
     def __init__(self, parts: RunParts) -> None:
-        self.p = parts
         self.cfg: Config = parts.cfg
+        self.env = parts.env
         self.rank = parts.env.rank
+        self.world = parts.env.world_size
+        self.run_dir = parts.run_dir
+        self.engine = parts.engine
+        self.model = parts.model
+        self.train_loader = parts.train_loader
+        self.val_loader = parts.val_loader
+        self.grad_accum = parts.grad_accum
         self.ckpt_dir = parts.run_dir / "checkpoints"
         self.step = 0
         self.tokens_seen = 0
+        self.gamma = self.cfg.moe.gamma_schedule()
         self.layers = [
             (_layer_index(n, self.cfg.model.n_layers), m) for n, m in moe_layers(parts.model)
         ]
@@ -76,60 +87,35 @@ class Trainer:
             attn_dim=m.n_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim),
         )
 
-    # ---- checkpoints -------------------------------------------------------------------------
+    # ---- checkpoints (the sequences live in deepsuite.checkpoint.run) ------------------------
     def resume(self) -> None:
-        how = self.cfg.train.resume
-        if how == "never":
+        state = resume_run(
+            self.engine, self.model, self.cfg.train.resume, self.ckpt_dir, rank=self.rank
+        )
+        if state is None:
             return
-        ckpt_dir = Path(how) if how != "auto" else self.ckpt_dir
-        tag = [ckpt.find_resumable(ckpt_dir) if self.rank == 0 else None]
-        dist.broadcast_object_list(tag, src=0)
-        if tag[0] is None:
-            if how != "auto":
-                raise ValueError(f"train.resume: no complete checkpoint under {ckpt_dir}")
-            return
-        tag_dir = ckpt_dir / tag[0]
-        # any EP / world / ZeRO layout: native load when it matches, else resharded on load
-        load_any_layout(self.p.engine, self.p.model, ckpt_dir, tag[0])
-        state = ckpt.read_trainer_state(tag_dir)
-        ckpt.load_rank_state(tag_dir, self.rank)
-        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-        self.p.train_loader.load_state_dict(state["train_loader"])
-        self.history = state.get("loss_history", [])
-        verify_bias_identical(self.p.model)
-        if self.rank == 0:
-            print(f"resumed from {tag_dir} at step {self.step}", flush=True)
+        self.step, self.tokens_seen = state.step, state.tokens_seen
+        self.train_loader.load_state_dict(state.train_loader)
+        self.history = state.loss_history
 
     def save(self) -> Path:
-        tag = ckpt.tag_for_step(self.step)
-        tag_dir = self.ckpt_dir / tag
-        with guard_collectives("checkpoint", self.step):
-            verify_bias_identical(self.p.model)  # the bias in the checkpoint is every rank's bias
-            if self.rank == 0 and tag_dir.exists():  # a half-written save of this step, from a kill
-                import shutil
-
-                shutil.rmtree(tag_dir)
-            dist.barrier()
-            self.p.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, save_latest=False)
-            ckpt.save_rank_state(tag_dir, self.rank)
-            self._read_history()
-            if self.rank == 0:
-                ckpt.write_trainer_state(
-                    tag_dir,
-                    {
-                        "step": self.step,
-                        "tokens_seen": self.tokens_seen,
-                        "world_size": self.p.env.world_size,
-                        "train_loader": self.p.train_loader.state_dict(),
-                        "loss_history": self.history,
-                        "config": self.cfg.to_dict(),
-                    },
-                )
-            dist.barrier()
-            if self.rank == 0:
-                ckpt.commit_latest(self.ckpt_dir, tag, self.cfg.train.keep_last)
-            dist.barrier()
-        return tag_dir
+        self._read([])  # the losses still on the device, as numbers in the checkpoint
+        state = TrainerState(
+            step=self.step,
+            tokens_seen=self.tokens_seen,
+            world_size=self.world,
+            train_loader=self.train_loader.state_dict(),
+            config=self.cfg.to_dict(),
+            loss_history=self.history,
+        )
+        return save_run(
+            self.engine,
+            self.model,
+            self.ckpt_dir,
+            state,
+            rank=self.rank,
+            keep_last=self.cfg.train.keep_last,
+        )
 
     # ---- one optimizer step ------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
@@ -137,20 +123,18 @@ class Trainer:
 
         Nothing computed on the device is read here: the losses, expert counts, bias and
         routing statistics stay device tensors in the returned metrics and in the tracker, and
-        ``read_metrics`` fetches them in one transfer on the steps that log. (The all-to-all
-        numbers are already on the host: the dispatcher read its split sizes.)
+        :meth:`read_metrics` fetches them in one transfer on the steps that log. (The
+        all-to-all numbers are host numbers already: the dispatcher read its split sizes.) Every
+        collective of the step (bias counts, statistics) runs on tensors on the engine's
+        device, as nccl requires.
         """
-        engine = self.p.engine
+        engine, heads = self.engine, [h.name for h in self.cfg.model.aux_heads]
         dev = engine.device
         t = dict.fromkeys(("forward", "backward", "optimizer", "dispatch"), 0.0)
-        heads = [h.name for h in self.cfg.model.aux_heads]
-        # this rank's lm loss, then each auxiliary head's loss (device); expert rows received,
-        # all-to-all bytes sent, all-to-all seconds (host)
-        losses = torch.zeros(1 + len(heads), dtype=torch.float64, device=dev)
-        comm = [0.0, 0.0, 0.0]
+        mine = StepStats(heads, device=dev)
         start = time.perf_counter()
-        for _ in range(self.p.grad_accum):
-            batch = next(self.p.train_loader)
+        for _ in range(self.grad_accum):
+            batch = next(self.train_loader)
             t0 = time.perf_counter()
             out = engine(**model_inputs(batch, dev, self.cfg.data.document_masking))
             t1 = time.perf_counter()
@@ -161,25 +145,21 @@ class Trainer:
             t["forward"] += t1 - t0
             t["backward"] += t2 - t1
             t["optimizer"] += t3 - t2
-            losses[0] += out.lm_loss.detach().double()
-            for j, name in enumerate(heads):
-                losses[1 + j] += out.aux_losses[name].detach().double()
+            mine.add("lm_loss", out.lm_loss.detach().double())
+            for name in heads:
+                mine.add(f"aux/{name}", out.aux_losses[name].detach().double())
             for _, moe in self.layers:
-                stats = getattr(moe.dispatcher, "last_comm_stats", None)  # set by all-to-all only
-                if stats is not None:
-                    comm[0] += stats.rows_received
-                    comm[1] += stats.bytes_sent
-                    comm[2] += stats.a2a_time_s
-        t["dispatch"] = comm[2]
-        counts = sync_and_update_bias(self.p.model, bias_gamma(self.tokens_seen, self.cfg.moe))
-        world = self.p.env.world_size
-        local = torch.cat([losses, torch.tensor(comm, dtype=torch.float64).to(dev)])
-        per_rank = local.new_empty(world * local.numel())
-        dist.all_gather_into_tensor(per_rank, local)
-        per_rank = per_rank.view(world, local.numel())
+                comm = getattr(moe.dispatcher, "last_comm_stats", None)  # all-to-all only
+                if comm is not None:
+                    mine.add("rows_received", comm.rows_received)
+                    mine.add("a2a_bytes", comm.bytes_sent)
+                    mine.add("a2a_time_s", comm.a2a_time_s)
+        t["dispatch"] = mine.host("a2a_time_s")
+        counts = sync_and_update_bias(self.model, self.gamma(self.tokens_seen))
+        ranks = mine.all_gather()
         elapsed = time.perf_counter() - start
-        n = world * self.p.grad_accum
-        loss = per_rank[:, 0].sum() / n
+        n_micro = self.world * self.grad_accum
+        loss = ranks.sum("lm_loss") / n_micro
         tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_len
         self.tokens_seen += tokens
         self.step += 1
@@ -200,59 +180,64 @@ class Trainer:
             "perf/step_time_s": elapsed,
             "perf/tokens_seen": self.tokens_seen,
             **{f"time/{k}": v for k, v in t.items()},
-            **{f"loss/aux_{name}": per_rank[:, 1 + j].sum() / n for j, name in enumerate(heads)},
+            **{f"loss/aux_{name}": ranks.sum(f"aux/{name}") / n_micro for name in heads},
         }
         if self.peak_flops > 0:
             metrics["perf/mfu"] = mfu(
-                tokens / elapsed, self.flops_per_token, self.peak_flops * world
+                tokens / elapsed, self.flops_per_token, self.peak_flops * self.world
             )
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
             metrics["optim/grad_norm"] = grad_norm
         if self.cfg.parallel.ep > 1:  # the straggler view: expert rows each rank computed
-            c0 = 1 + len(heads)
-            metrics["comm/_per_rank"] = per_rank[:, c0 : c0 + 3]
+            fields = ("rows_received", "a2a_bytes", "a2a_time_s")
+            metrics["comm/_per_rank"] = torch.stack([ranks.per_rank(f) for f in fields], dim=1)
         return metrics
 
     def read_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
-        """``metrics`` with every device value read (one transfer), ready for the sinks; also
-        turns the loss history's pending device values into numbers."""
-        self._read_history()
+        """``metrics`` with every device value read, together with the loss history's (one
+        transfer), ready for the sinks."""
         tensors = {k: v for k, v in metrics.items() if isinstance(v, torch.Tensor)}
         out = {k: v for k, v in metrics.items() if k not in tensors}
-        if tensors:
-            flat = torch.cat([v.detach().double().reshape(-1) for v in tensors.values()]).cpu()
-            for k, part in zip(
-                tensors, flat.split([v.numel() for v in tensors.values()]), strict=True
-            ):
-                out[k] = float(part[0]) if part.numel() == 1 else part
+        for k, v in zip(tensors, self._read(list(tensors.values())), strict=True):
+            out[k] = v[0] if len(v) == 1 else v
         per_rank = out.pop("comm/_per_rank", None)
         if per_rank is not None:
-            per_rank = per_rank.view(-1, 3)
+            per_rank = np.asarray(per_rank).reshape(-1, 3)
             out.update(
                 comm_stats(
-                    per_rank[:, 0].numpy(),
+                    per_rank[:, 0],
                     a2a_bytes=float(per_rank[:, 1].sum()),
                     a2a_time_s=float(per_rank[:, 2].max()),
                 )
             )
         return out
 
-    def _read_history(self) -> None:
-        """The training losses still on the device, read in one transfer."""
+    def _read(self, tensors: list[torch.Tensor]) -> list[list[float]]:
+        """``tensors`` as flat lists of numbers, read in one transfer together with the training
+        losses the history still holds on the device (which become numbers)."""
         pending = [i for i, v in enumerate(self.history) if isinstance(v, torch.Tensor)]
-        if pending:
-            values = torch.stack([self.history[i].double() for i in pending]).cpu().tolist()
-            for i, v in zip(pending, values, strict=True):
-                self.history[i] = v
+        parts = [v.detach().double().reshape(-1) for v in tensors]
+        parts += [self.history[i].detach().double().reshape(1) for i in pending]
+        if not parts:
+            return []
+        dev = parts[0].device
+        flat = torch.cat([p.to(dev) for p in parts]).cpu().tolist()  # the one transfer
+        values, start = [], 0
+        for p in parts:
+            values.append(flat[start : start + p.numel()])
+            start += p.numel()
+        for i, v in zip(pending, values[len(tensors) :], strict=True):
+            self.history[i] = v[0]
+        return values[: len(tensors)]
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Validation loss and global MaxVio per MoE layer over ``eval_batches`` global batches."""
-        loader = self.p.val_loader
+        loader = self.val_loader
         if loader is None:
             return {}
-        engine = self.p.engine
+        engine = self.engine
         engine.eval()
         dev = engine.device
         loss_sum = torch.zeros((), device=dev)
@@ -271,8 +256,8 @@ class Trainer:
         engine.train()
         flat = torch.cat([loss_sum.view(1).double(), *[c.double() for c in counts]])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat = flat.cpu()  # the one read of the evaluation
-        out: dict[str, float] = {"loss/val": float(flat[0]) / (n * self.p.env.world_size)}
+        flat = flat.cpu().numpy()  # the one read of the evaluation
+        out: dict[str, float] = {"loss/val": float(flat[0]) / (n * self.world)}
         offset = 1
         for layer, m in self.layers:
             c = flat[offset : offset + m.n_routed_experts]
@@ -288,17 +273,11 @@ class Trainer:
     def open_logger(self) -> MetricsLogger:
         """After resume: steps past the checkpoint (trained before a crash) leave the jsonl, so
         every step appears once and the resumed steps are logged afresh."""
-        jsonl = self.p.run_dir / "metrics.jsonl"
-        if self.rank == 0 and jsonl.is_file():
-            kept = [
-                line
-                for line in jsonl.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= self.step
-            ]
-            atomic_write_text(jsonl, "".join(line + "\n" for line in kept))
+        if self.rank == 0:
+            keep_steps_up_to(self.run_dir / JSONL_NAME, self.step)
         log = self.cfg.logging
         return MetricsLogger(
-            self.p.run_dir,
+            self.run_dir,
             rank=self.rank,
             config=self.cfg.to_dict(),
             wandb_mode=log.wandb,
@@ -311,14 +290,15 @@ class Trainer:
         )
 
     def fit(self) -> dict[str, Any]:
-        cfg, stop = self.cfg.train, StopRequested()
+        cfg, stop = self.cfg.train, preemption.listen()
+        stop.listen_for_term()
         self.resume()
         self.logger = self.open_logger()
         first_step = self.step
         t_start, tokens_start = time.perf_counter(), self.tokens_seen
-        preempted = False
         last = min(cfg.steps, cfg.stop_at_step) if cfg.stop_at_step else cfg.steps
-        while self.step < last:
+        preempted = stop.agreed()  # a notice during start-up: stop before the first step
+        while self.step < last and not preempted:
             with guard_collectives("train step", self.step):
                 metrics = self.train_step()
             if self.step % self.cfg.logging.moe_every == 0 or self.step == cfg.steps:
@@ -331,33 +311,42 @@ class Trainer:
             if "loss/val" in metrics and self.cfg.logging.wandb != "disabled":
                 self.logger.log_images(self.step)  # heatmaps and bias trajectories so far
             if stop.agreed():
-                self.save()
-                preempted = True
-                stop.requeue(self.rank)  # after the save: requeueing kills this job
+                preempted = self.step < last  # a notice at the last step changes nothing
                 break
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < last:
                 self.save()
-        if not preempted:
+        # no step since the start or the resume: that state is already the latest checkpoint
+        saved = not preempted or self.step > first_step
+        if saved:
             self.save()
+        outcome = stop.conclude(
+            step=self.step,
+            last_step=last,
+            saved=saved,
+            rank=self.rank,
+            local_rank=self.env.local_rank,
+        )
         if cfg.export_final and self.step == cfg.steps:
-            export_safetensors(
-                self.p.model, self.p.run_dir / "final" / "model.safetensors", self.rank
-            )
+            export_safetensors(self.model, self.run_dir / "final" / "model.safetensors", self.rank)
         elapsed = time.perf_counter() - t_start
-        summary = self.summary(first_step, elapsed, self.tokens_seen - tokens_start, preempted)
+        result = self.fit_result(first_step, elapsed, self.tokens_seen - tokens_start, preempted)
+        result["outcome"], result["exit_code"] = outcome.line, outcome.exit_code
         self.logger.close()
-        return summary
+        if self.rank == 0:
+            print(outcome.line, flush=True)
+        return result
 
-    def summary(
+    def fit_result(
         self, first_step: int, elapsed: float, tokens: int, preempted: bool
     ) -> dict[str, Any]:
-        self._read_history()
+        """What this invocation did; rank 0 writes it to RUN_DIR/summary.json and prints it."""
+        self._read([])
         vio = {
             k: v
             for k, v in self.tracker.metrics().items()
             if k.startswith("moe/") and "max_vio" in k and "layer" not in k
         }
-        summary = {
+        result = {
             "steps": self.step,
             "steps_this_run": self.step - first_step,
             "preempted": preempted,
@@ -366,16 +355,18 @@ class Trainer:
             "val": self.last_val,
             "moe": vio,
             "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
-            "checkpoint": str(self.ckpt_dir / ckpt.tag_for_step(self.step)),
-            "metrics": str(self.p.run_dir / "metrics.jsonl"),
+            "checkpoint": str(self.ckpt_dir / tag_for_step(self.step)),
+            "metrics": str(self.run_dir / JSONL_NAME),
         }
         if self.rank == 0:
-            atomic_write_text(self.p.run_dir / "summary.json", json.dumps(summary, indent=1))
-            print(format_summary(summary), flush=True)
-        return summary
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(result, indent=1))
+            print(format_fit_result(result), flush=True)
+        return result
 
 
-def format_summary(s: dict[str, Any]) -> str:
+def format_fit_result(s: dict[str, Any]) -> str:
+    """The end-of-run report printed by rank 0 (``deepsuite summary RUN_DIR`` reads the jsonl
+    instead and is :func:`deepsuite.summary.format_summary`)."""
     lines = ["", "=== deepsuite run summary ==="]
     if s["loss_first"] is not None:
         lines.append(
@@ -397,8 +388,6 @@ def format_summary(s: dict[str, Any]) -> str:
         )
     lines.append(f"checkpoint      {s['checkpoint']}")
     lines.append(f"metrics         {s['metrics']}")
-    if s["preempted"]:
-        lines.append("stopped early on a preemption signal; rerun the same command to resume")
     return "\n".join(lines)
 
 
@@ -422,13 +411,15 @@ def train(cfg: Config) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """0 when the run finished (or was requeued), preemption.NOT_FINISHED when it stopped early."""
+    preemption.listen()  # a notice during start-up is kept (train/train.py calls it even earlier)
     config, overrides = parse_args(argv)
     cfg = load_config(config, overrides)
-    train(cfg)
+    summary = train(cfg)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    return 0
+    return int(summary["exit_code"])
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
+from deepsuite.config import validate_expert_parallel
 from deepsuite.distributed.env import detect_env, first_slurm_host
-from deepsuite.distributed.groups import validate_expert_parallel
 from tests.distributed.launch import RankError, run_ranks
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepsuite.distributed.expert_shard import full_name
 from tests.distributed.launch import run_ranks
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -48,10 +49,6 @@ class TinyMoENet(nn.Module):
 def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(100 + step)
     return torch.randn(T_GLOBAL, D, generator=g), torch.randn(T_GLOBAL, D, generator=g)
-
-
-def _global_name(name: str) -> str:
-    return name.replace(".experts.local.", ".experts.")
 
 
 def _reference() -> dict:
@@ -210,7 +207,7 @@ def _compare(results: list[dict], ref: dict, world: int, eps: list[int]) -> None
                 lo, hi = rec["ep_rank"] * rec["L"], (rec["ep_rank"] + 1) * rec["L"]
                 for key in ("grad", "param1", "param"):
                     for name, got in rec[key].items():
-                        want = ref[key][_global_name(name)]
+                        want = ref[key][full_name(name)]
                         if ".experts.local." in name:
                             want = want[lo:hi]
                         torch.testing.assert_close(

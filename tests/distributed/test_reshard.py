@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from deepsuite.atomic import atomic_write_text
-from deepsuite.distributed.reshard import read_full_state, reshard_checkpoint, saved_layout
-from deepsuite.training import checkpoint as ckpt
+from deepsuite.checkpoint import layout as ckpt
+from deepsuite.checkpoint.convert import reshard_checkpoint
+from deepsuite.checkpoint.full_state import read_full_state, saved_layout
 from tests.training.runner import losses, run_train
 
 TAG = "step_00000002"

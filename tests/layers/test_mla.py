@@ -45,7 +45,7 @@ def _x(B=2, S=11, dtype=torch.float64, seed=1):
 
 
 def _explicit_mla(m, x, mask_BT=None):
-    """From-the-formulas MLA (REFERENCES.md), written independently of the module's code paths."""
+    """From-the-formulas MLA (docs/formulas.md), written independently of the module's code paths."""
     B, S, _ = x.shape
     H, N, R, V = m.n_heads, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
     q = m.q_proj(x) if m.q_lora_rank == 0 else m.q_b_proj(m.q_a_layernorm(m.q_a_proj(x)))

@@ -256,7 +256,7 @@ def test_deepseek_v3_moe_layer_parameter_count_on_meta():
     with torch.device("meta"):
         moe = DeepSeekMoE(7168, 1, 256, 8, 2048, n_group=8, topk_group=4, route_scale=2.5)
     n = sum(p.numel() for p in moe.parameters())
-    assert n == 257 * 3 * 7168 * 2048 + 256 * 7168  # REFERENCES.md: 11.320B per MoE layer
+    assert n == 257 * 3 * 7168 * 2048 + 256 * 7168  # docs/formulas.md: 11.320B per MoE layer
     assert round(n / 1e9, 3) == 11.320
     assert moe.router.expert_bias.dtype == torch.float32
 

@@ -1,4 +1,4 @@
-"""Router vs a direct, per-token Python transcription of the REFERENCES.md steps."""
+"""Router vs a direct, per-token Python transcription of the routing steps in docs/formulas.md."""
 
 import math
 
@@ -16,7 +16,7 @@ def _rank(values, idx):
 
 
 def route_by_hand(logits, bias, k, n_group, topk_group, route_scale, score="sigmoid", norm=True):
-    """REFERENCES.md 'Router' steps 1-5, one token at a time, on Python floats."""
+    """docs/formulas.md "Routing" steps 1-5, one token at a time, on Python floats."""
     ids_all, w_all = [], []
     for row in logits.tolist():
         E = len(row)

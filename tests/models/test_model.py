@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from deepsuite.config import load_config
 from deepsuite.layers import DeepSeekMoE, SwiGLU
 from deepsuite.models import IGNORE_INDEX, DeepSeekLM, count_model_parameters, count_parameters
+from deepsuite.training.activation_checkpointing import apply_activation_checkpointing
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = [
@@ -32,18 +33,21 @@ SMALL = [
 
 def small_model(*extra: str, seed: int = 0) -> DeepSeekLM:
     torch.manual_seed(seed)
-    return DeepSeekLM(load_config(ROOT / "configs/tiny.yaml", [*SMALL, *extra]))
+    cfg = load_config(ROOT / "configs/tiny.yaml", [*SMALL, *extra])
+    model = DeepSeekLM(cfg)
+    apply_activation_checkpointing(model, cfg.train.activation_checkpointing)  # as training does
+    return model
 
 
 def test_v3_671b_parameter_counts():
-    """REFERENCES.md: 671B total; 37.5B activated counting embedding and head; MTP module ~11.6B
+    """docs/formulas.md: 671B total; 37.5B activated counting embedding and head; MTP module ~11.6B
     (+ the shared embedding and head it reuses = 13.5B, the '14B' of the report)."""
     cfg = load_config(ROOT / "configs/deepseek_v3_671b.yaml")
     n = count_parameters(cfg)
     assert abs(n.total - 671.0e9) / 671.0e9 < 0.01
     assert abs(n.activated - 37.5e9) / 37.5e9 < 0.01
     dim, vocab = 7168, 129280
-    # one MTP depth = MLA 187.1M + MoE 11.320B + proj 2D x D + norms, per REFERENCES.md's breakdown
+    # one MTP depth = MLA 187.1M + MoE 11.320B + proj 2D x D + norms, per docs/formulas.md's breakdown
     expected_mtp = 187.1e6 + 11.320e9 + 2 * dim * dim  # (+ 4 norms, negligible)
     assert abs(n.mtp - expected_mtp) / expected_mtp < 0.01
     assert abs(n.mtp + 2 * vocab * dim - 14e9) / 14e9 < 0.05

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from deepsuite.training.export import load_safetensors
-from deepsuite.training.metrics import read_metrics
+from deepsuite.runlog import read_metrics
 from tests.distributed.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -155,8 +155,8 @@ def assert_same_run(got: Path, ref: Path) -> None:
     assert sorted(lg) == list(range(1, CHECKPOINTED_STEPS + 1))
     for s in lr:
         assert lg[s] == pytest.approx(lr[s], rel=1e-6, abs=1e-6), (s, lg[s], lr[s])
-    a = load_safetensors(ref / "final" / "model.safetensors")
-    b = load_safetensors(got / "final" / "model.safetensors")
+    a = load_file(str(ref / "final" / "model.safetensors"))
+    b = load_file(str(got / "final" / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)

@@ -17,7 +17,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deepsuite.training.metrics import MetricsLogger, read_metrics
+from deepsuite.layers.moe import routing_entropy
+from deepsuite.runlog import read_metrics
+from deepsuite.training.metrics import MetricsLogger
 from deepsuite.training.moe_stats import (
     MoEStatsTracker,
     comm_stats,
@@ -25,10 +27,27 @@ from deepsuite.training.moe_stats import (
     load_entropy,
     max_vio,
     mfu,
-    router_entropy,
 )
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def router_entropy(scores_TE) -> float:
+    """float64 numpy reference for the layer's routing_entropy: mean over tokens of the entropy (nats) of each token's normalised router scores.
+
+    scores_TE: [T, E] non-negative affinities (sigmoid or softmax outputs). Rows are divided by
+    their sum first, so sigmoid scores are treated like V3's normalised gate.
+    """
+    if hasattr(scores_TE, "detach"):
+        scores_TE = scores_TE.detach().to("cpu").double().numpy()
+    s = np.asarray(scores_TE, dtype=np.float64)
+    if s.ndim != 2 or s.shape[0] == 0:
+        raise ValueError(f"scores_TE must be [T, E] with T > 0, got shape {tuple(s.shape)}")
+    if np.any(s < 0):
+        raise ValueError("scores_TE must be non-negative (sigmoid/softmax outputs)")
+    p = s / np.clip(s.sum(axis=1, keepdims=True), 1e-30, None)
+    plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
+    return float(-plogp.sum(axis=1).mean())
 
 
 @pytest.fixture(autouse=True)
@@ -72,6 +91,8 @@ def test_router_entropy_matches_torch():
     p = s / s.sum(-1, keepdim=True)
     ref = torch.distributions.Categorical(probs=p).entropy().mean().item()
     assert router_entropy(s) == pytest.approx(ref, rel=1e-9)
+    # the layer's float32 statistic (logged as moe/layerL/entropy) against this reference
+    assert routing_entropy(s.float()).item() == pytest.approx(router_entropy(s), rel=1e-5)
     one_hot = torch.zeros(3, 4)
     one_hot[:, 1] = 1.0
     assert router_entropy(one_hot) == 0.0
@@ -224,7 +245,8 @@ def test_wandb_not_importable_falls_back_to_jsonl(tmp_path):
         f"""
         import sys, warnings
         sys.modules["wandb"] = None  # import wandb now raises ImportError
-        from deepsuite.training.metrics import MetricsLogger, MoEStatsTracker
+        from deepsuite.training.metrics import MetricsLogger
+        from deepsuite.training.moe_stats import MoEStatsTracker
         tr = MoEStatsTracker(2)
         tr.update(1, [3, 1], bias_E=[0.0, 0.1])
         with warnings.catch_warnings(record=True) as w:

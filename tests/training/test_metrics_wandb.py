@@ -10,9 +10,10 @@ import pytest
 
 pytest.importorskip("wandb")
 
-from deepsuite.training.metrics import BIAS_HIST_BINS, MetricsLogger, read_metrics
+from deepsuite.runlog import read_metrics
+from deepsuite.training.metrics import BIAS_HIST_BINS, MetricsLogger
 from deepsuite.training.moe_stats import MoEStatsTracker
-from deepsuite.training.wandb_reader import find_run_file, iter_records, read_offline_run
+from tests.training.wandb_reader import find_run_file, iter_records, read_offline_run
 
 
 @pytest.fixture(autouse=True)

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from deepsuite.training.wandb_reader import read_offline_run
 from tests.training.runner import ROOT, env, metrics, run_train
+from tests.training.wandb_reader import read_offline_run
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

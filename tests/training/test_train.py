@@ -166,7 +166,7 @@ def test_resume_is_bit_identical(runs, tmp_path):
 
 
 def test_checkpoint_is_committed_with_a_manifest(runs):
-    from deepsuite.training.checkpoint import find_resumable, verify_checkpoint
+    from deepsuite.checkpoint.layout import find_resumable, verify_checkpoint
 
     ckpt = runs / "ep2" / "checkpoints"
     tag = (ckpt / "latest").read_text().strip()

@@ -3,7 +3,7 @@
 Legend: B batch, S query tokens, T key tokens, D model dim, H heads, N qk_nope_head_dim,
 R qk_rope_head_dim, V v_head_dim, C kv_lora_rank, Q q_lora_rank.
 
-Math (REFERENCES.md): q = W_UQ RMSNorm(W_DQ x) (or q = W_Q x when Q = 0), split per head into
+Math (docs/formulas.md, "Multi-head latent attention"): q = W_UQ RMSNorm(W_DQ x) (or q = W_Q x when Q = 0), split per head into
 [q_nope (N) ; q_rope (R)]; [c_KV (C) ; k_rope (R)] = W_DKV x with c_KV RMSNorm'd and k_rope shared
 by all heads; per head k = [W_UK c_KV ; k_rope], v = W_UV c_KV. Two ways to attend:
   * naive (reference, training): materialise K (B,H,T,N+R) and V (B,H,T,V), then attention;

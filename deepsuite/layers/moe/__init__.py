@@ -11,9 +11,11 @@ from .balance import (
 from .dispatch import Dispatcher, ExpertRows, LocalDispatcher, LocalState, dispatch_reference
 from .experts import GroupedExperts
 from .layer import DeepSeekMoE, RoutingStats
+from .options import BalanceOptions, RoutingOptions
 from .router import Router, RouterOutput
 
 __all__ = [
+    "BalanceOptions",
     "DeepSeekMoE",
     "Dispatcher",
     "ExpertRows",
@@ -23,6 +25,7 @@ __all__ = [
     "LocalState",
     "Router",
     "RouterOutput",
+    "RoutingOptions",
     "RoutingStats",
     "aux_balance_loss",
     "dispatch_reference",

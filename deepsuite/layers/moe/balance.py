@@ -1,8 +1,8 @@
 """Load balancing for DeepSeekMoE: loss-free bias update, its gamma schedule, balance losses.
 
 Letters: B sequences, S tokens per sequence, T tokens, E routed experts, K slots per token.
-Formulas follow the DeepSeek-V3 report and Wang et al. 2024 (arXiv 2408.15664); see
-REFERENCES.md. Nothing here touches torch.distributed: the trainer all-reduces
+Formulas follow the DeepSeek-V3 report and Wang et al. 2024 (arXiv 2408.15664), written out in
+docs/formulas.md. Nothing here touches torch.distributed: the trainer all-reduces
 the counts over data-parallel ranks before calling ``sign_rule_update_``.
 """
 
@@ -28,7 +28,7 @@ def sign_rule_update_(
     """In place: b_i += gamma * sign(mean(c) - c_i); optionally subtract mean(b). Returns bias_E.
 
     Underloaded experts (c_i < mean) gain bias, overloaded ones lose it; the bias moves at most
-    gamma per call, so short runs need a larger gamma (see REFERENCES.md).
+    gamma per call, so short runs need a larger gamma (docs/formulas.md).
     """
     if bias_E.dtype != torch.float32:
         raise TypeError(

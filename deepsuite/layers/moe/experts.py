@@ -197,6 +197,9 @@ class GroupedExperts(nn.Module):
         d_hidden: F, hidden width of each expert.
 
     Attributes: gate_proj [L, F, D], up_proj [L, F, D], down_proj [L, D, F] (nn.Linear layout).
+    ``first_expert`` and ``n_global_experts`` record which experts of the layer these are:
+    global experts [first_expert, first_expert + L) of n_global_experts (0 and L when the module
+    holds them all; :meth:`slice_experts` and expert parallelism set them for a slice).
     """
 
     def __init__(self, n_experts: int, d_model: int, d_hidden: int) -> None:
@@ -207,6 +210,7 @@ class GroupedExperts(nn.Module):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         self.n_experts, self.d_model, self.d_hidden = n_experts, d_model, d_hidden
+        self.first_expert, self.n_global_experts = 0, n_experts
         self.gate_proj = nn.Parameter(torch.empty(n_experts, d_hidden, d_model))
         self.up_proj = nn.Parameter(torch.empty(n_experts, d_hidden, d_model))
         self.down_proj = nn.Parameter(torch.empty(n_experts, d_model, d_hidden))
@@ -224,7 +228,8 @@ class GroupedExperts(nn.Module):
             nn.init.uniform_(w, -1.0 / math.sqrt(fan_in), 1.0 / math.sqrt(fan_in))
 
     def slice_experts(self, start: int, stop: int) -> GroupedExperts:
-        """A new module holding copies of experts [start, stop) (no shared storage)."""
+        """A new module holding copies of experts [start, stop) (no shared storage); it records
+        that they are global experts [first_expert + start, first_expert + stop)."""
         if not 0 <= start < stop <= self.n_experts:
             raise ValueError(
                 f"need 0 <= start < stop <= {self.n_experts}, got start={start}, stop={stop}"
@@ -238,6 +243,8 @@ class GroupedExperts(nn.Module):
                 new, name, nn.Parameter(w.to(dev), requires_grad=getattr(self, name).requires_grad)
             )
         new.use_grouped_mm = self.use_grouped_mm
+        new.first_expert = self.first_expert + start
+        new.n_global_experts = self.n_global_experts
         return new
 
     def _check(self, x: Tensor | ExpertRows) -> int:
@@ -329,4 +336,7 @@ class GroupedExperts(nn.Module):
         return z.index_add(0, x.index_N, y_ND)
 
     def extra_repr(self) -> str:
-        return f"n_experts={self.n_experts}, d_model={self.d_model}, d_hidden={self.d_hidden}"
+        held = ""
+        if self.n_experts != self.n_global_experts:
+            held = f", experts [{self.first_expert}, {self.first_expert + self.n_experts}) of {self.n_global_experts}"
+        return f"n_experts={self.n_experts}, d_model={self.d_model}, d_hidden={self.d_hidden}{held}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +25,7 @@ from .balance import (
 )
 from .dispatch import Dispatcher, LocalDispatcher
 from .experts import GroupedExperts
+from .options import BalanceOptions, RoutingOptions, split_options
 from .router import Router, RouterOutput
 
 
@@ -91,11 +93,14 @@ class DeepSeekMoE(nn.Module):
     ``out, router_logits = moe(x)``: x (B, S, D) or (T, D) -> out (same shape and dtype as x),
     router_logits (T, E) float32. Sizes: routed experts of hidden ``expert_intermediate_size``;
     shared experts fused into one SwiGLU of hidden ``shared_intermediate_size`` (default
-    n_shared * expert_intermediate_size). Loss weights seq_aux_alpha (complementary
-    sequence-wise loss, V3 uses 1e-4) and aux_loss_alpha (classic loss, for comparison);
-    their sum for the last forward is ``self.aux_loss`` (None when both are 0).
-    ``bias_update_speed`` is the default gamma of ``update_bias`` (V3: 0.001; short runs need
-    more, e.g. 0.01). ``use_expert_bias=False`` gives V2-style routing with no bias.
+    n_shared * expert_intermediate_size). How tokens are routed is ``routing``
+    (:class:`~deepsuite.layers.moe.options.RoutingOptions`: groups, sigmoid/softmax, scale,
+    top-p, ``use_expert_bias=False`` for V2-style routing with no bias) and how load is balanced
+    ``balance`` (:class:`~deepsuite.layers.moe.options.BalanceOptions`: the bias update speed,
+    the default gamma of ``update_bias`` (V3: 0.001; short runs need more, e.g. 0.01), and the
+    weights of the sequence-wise and classic balance losses, whose sum for the last forward is
+    ``self.aux_loss``, None when both are 0). Any of their fields may also be given by name:
+    ``DeepSeekMoE(256, 1, 16, 2, 128, n_group=4, topk_group=2, bias_update_speed=0.01)``.
     """
 
     def __init__(
@@ -107,17 +112,9 @@ class DeepSeekMoE(nn.Module):
         expert_intermediate_size: int = 1408,
         *,
         shared_intermediate_size: int | None = None,
-        n_group: int = 1,
-        topk_group: int = 1,
-        score_func: str = "sigmoid",
-        route_scale: float = 1.0,
-        norm_topk_prob: bool = True,
-        top_p: float | None = None,
-        seq_aux_alpha: float = 0.0,
-        aux_loss_alpha: float = 0.0,
-        bias_update_speed: float = 0.001,
-        bias_recenter: bool = False,
-        use_expert_bias: bool = True,
+        routing: RoutingOptions | None = None,
+        balance: BalanceOptions | None = None,
+        **options: Any,
     ) -> None:
         super().__init__()
         if isinstance(n_shared_experts, bool) or not isinstance(n_shared_experts, int):
@@ -126,34 +123,8 @@ class DeepSeekMoE(nn.Module):
             )
         if n_shared_experts < 0:
             raise ValueError(f"n_shared_experts must be >= 0, got {n_shared_experts}")
-        if (
-            isinstance(n_routed_experts, int)
-            and isinstance(n_expert_per_token, int)
-            and n_expert_per_token > n_routed_experts
-        ):
-            raise ValueError(
-                f"n_expert_per_token ({n_expert_per_token}) must be <= "
-                f"n_routed_experts ({n_routed_experts})"
-            )
-        for name, v in (
-            ("seq_aux_alpha", seq_aux_alpha),
-            ("aux_loss_alpha", aux_loss_alpha),
-            ("bias_update_speed", bias_update_speed),
-        ):
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"{name} must be a float >= 0, got {v!r}")
-        self.router = Router(
-            d_model,
-            n_routed_experts,
-            n_expert_per_token,
-            n_group=n_group,
-            topk_group=topk_group,
-            score_func=score_func,
-            route_scale=route_scale,
-            norm_topk_prob=norm_topk_prob,
-            top_p=top_p,
-            use_bias=use_expert_bias,
-        )
+        routing, balance = split_options(options, routing, balance)
+        self.router = Router(d_model, n_routed_experts, n_expert_per_token, routing)
         self.experts = GroupedExperts(n_routed_experts, d_model, expert_intermediate_size)
         if shared_intermediate_size is None:
             shared_intermediate_size = n_shared_experts * expert_intermediate_size
@@ -162,15 +133,16 @@ class DeepSeekMoE(nn.Module):
         )
         # without top-p every slot holds an expert: N = T*K, the dispatch reads nothing
         self.dispatcher: Dispatcher = LocalDispatcher(
-            n_routed_experts, empty_slots=top_p is not None
+            n_routed_experts, empty_slots=self.router.top_p is not None
         )
         self.d_model = d_model
         self.n_routed_experts = n_routed_experts
         self.n_expert_per_token = n_expert_per_token
-        self.seq_aux_alpha = float(seq_aux_alpha)
-        self.aux_loss_alpha = float(aux_loss_alpha)
-        self.bias_update_speed = float(bias_update_speed)
-        self.bias_recenter = bias_recenter
+        self.balance = balance
+        self.seq_aux_alpha = float(balance.seq_aux_alpha)
+        self.aux_loss_alpha = float(balance.aux_loss_alpha)
+        self.bias_update_speed = float(balance.bias_update_speed)
+        self.bias_recenter = balance.bias_recenter
         self.register_buffer(
             "tokens_per_expert", torch.zeros(n_routed_experts, dtype=torch.int64), persistent=False
         )

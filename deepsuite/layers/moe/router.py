@@ -7,13 +7,14 @@ Ties in every ranking go to the lower index (stable sort), so routing is determi
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from dataclasses import fields
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-SCORE_FUNCS = ("sigmoid", "softmax")
+from .options import RoutingOptions, split_options
 
 
 class RouterOutput(NamedTuple):
@@ -63,19 +64,15 @@ class Router(nn.Module):
         d_model: token width D.
         n_experts: routed experts E.
         top_k: default slots per token K (overridable per call with ``k``; k_max in top-p mode).
-        n_group: expert groups G (E must be divisible by G); 1 disables group limiting.
-        topk_group: groups kept per token (<= G).
-        score_func: "sigmoid" (V3) or "softmax" (V2).
-        route_scale: multiplier on the gate weights.
-        norm_topk_prob: divide the selected weights by their sum.
-        top_p: if set, each token keeps the fewest of its k candidates whose normalised scores
-            reach top_p (ordered by score); unused slots get id -1 and weight 0.
-        use_bias: add ``expert_bias`` to the selection scores (V3). With False the bias is
-            ignored and a group's score is its max score (V3 code's no-bias path).
+        routing: the :class:`~deepsuite.layers.moe.options.RoutingOptions` (groups, score
+            function, scale, normalisation, top-p, bias); ``**options`` replaces single fields
+            (``Router(d, E, K, n_group=4, topk_group=2)``).
 
     Attributes:
         weight: Parameter [E, D].
         expert_bias: float32 buffer [E], persistent; updated outside forward by the balancer.
+        routing, and its fields as attributes (n_group, topk_group, score_func, route_scale,
+        norm_topk_prob, top_p, use_bias).
     """
 
     def __init__(
@@ -83,45 +80,26 @@ class Router(nn.Module):
         d_model: int,
         n_experts: int,
         top_k: int,
-        *,
-        n_group: int = 1,
-        topk_group: int = 1,
-        score_func: str = "sigmoid",
-        route_scale: float = 1.0,
-        norm_topk_prob: bool = True,
-        top_p: float | None = None,
-        use_bias: bool = True,
+        routing: RoutingOptions | None = None,
+        **options: Any,
     ) -> None:
         super().__init__()
         _check_int("d_model", d_model, 1)
-        _check_int("n_routed_experts", n_experts, 1)
-        _check_int("n_expert_per_token", top_k, 1)
-        _check_int("n_group", n_group, 1)
-        _check_int("topk_group", topk_group, 1)
-        if n_experts % n_group != 0:
-            raise ValueError(
-                f"n_routed_experts ({n_experts}) must be divisible by n_group ({n_group})"
-            )
-        if topk_group > n_group:
-            raise ValueError(f"topk_group ({topk_group}) must be <= n_group ({n_group})")
-        if score_func not in SCORE_FUNCS:
-            raise ValueError(f"score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
-        if not math.isfinite(route_scale) or route_scale <= 0:
-            raise ValueError(f"route_scale must be a positive finite float, got {route_scale}")
-        if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+        routing, _ = split_options(options, routing)
+        if set(options) - {f.name for f in fields(RoutingOptions)}:
+            raise TypeError(f"Router takes routing options only, got {sorted(options)}")
+        self.max_k = routing.check_experts(n_experts, top_k)  # experts reachable in kept groups
+        self.routing = routing
         self.d_model = d_model
         self.n_experts = n_experts
         self.top_k = top_k
-        self.n_group = n_group
-        self.topk_group = topk_group
-        self.score_func = score_func
-        self.route_scale = float(route_scale)
-        self.norm_topk_prob = norm_topk_prob
-        self.top_p = top_p
-        self.use_bias = use_bias
-        self.max_k = topk_group * (n_experts // n_group)  # experts reachable in kept groups
-        self._check_k(top_k, "n_expert_per_token")
+        self.n_group = routing.n_group
+        self.topk_group = routing.topk_group
+        self.score_func = routing.score_func
+        self.route_scale = float(routing.route_scale)
+        self.norm_topk_prob = routing.norm_topk_prob
+        self.top_p = routing.top_p or None  # None: off
+        self.use_bias = routing.use_expert_bias
         self.weight = nn.Parameter(torch.empty(n_experts, d_model))
         self.register_buffer("expert_bias", torch.zeros(n_experts, dtype=torch.float32))
         self.reset_parameters()

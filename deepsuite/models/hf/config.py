@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from deepsuite.config import Config, ConfigError, config_from_dict
+from deepsuite.config import Config, ConfigError, ModelArgs, config_from_dict
 
 V3, V2 = "deepseek_v3", "deepseek_v2"
 _ARCH = {V3: "DeepseekV3ForCausalLM", V2: "DeepseekV2ForCausalLM"}
@@ -165,7 +165,7 @@ def hf_to_config(hf: dict[str, Any], *, mtp_depth: int | None = None, name: str 
     return config_from_dict(tree)
 
 
-def hf_flavor(cfg: Config) -> str:
+def hf_flavor(cfg: ModelArgs) -> str:
     """``deepseek_v3`` (sigmoid + bias) or ``deepseek_v2`` (softmax, no bias) for a config.
 
     Raises ConfigError when the routing matches neither (e.g. softmax with a balancing bias).
@@ -182,7 +182,7 @@ def hf_flavor(cfg: Config) -> str:
     )
 
 
-def config_to_hf(cfg: Config, *, dtype: str = "float32") -> dict[str, Any]:
+def config_to_hf(cfg: ModelArgs, *, dtype: str = "float32") -> dict[str, Any]:
     """The HF ``config.json`` dict (V3 or V2, see :func:`hf_flavor`) for a deepsuite Config."""
     kind = hf_flavor(cfg)
     m, a, e = cfg.model, cfg.mla, cfg.moe

@@ -4,7 +4,7 @@ Loading reads the index (or the single ``model.safetensors``), checks the names 
 :func:`~deepsuite.models.hf.names.hf_slots` (a missing or unexpected name raises
 :class:`HFCheckpointError` listing them), then opens one shard at a time and copies each tensor
 straight into its parameter (one tensor in memory at a time). On an expert-parallel model (its
-``experts`` modules are ``ExpertShard``s with ``ep_rank``) only this rank's experts are read.
+``GroupedExperts`` record which global experts they hold) only this rank's experts are read.
 FP8 block-quantised weights (``weight_scale_inv`` companions, the DeepSeek-V3 release) are
 dequantised on the fly.
 
@@ -25,7 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from deepsuite.config import Config
+from deepsuite.config import Config, ModelArgs
+from deepsuite.layers.moe import GroupedExperts
 from deepsuite.models.hf.config import V2, V3, config_to_hf, hf_flavor, hf_to_config
 from deepsuite.models.hf.names import Slot, hf_slots, mtp_layers_present
 
@@ -108,12 +109,17 @@ def _dest(model: nn.Module, slot: Slot) -> tuple[Tensor, Tensor | None]:
         raise HFCheckpointError(f"{slot.hf}: the model has no {slot.ds} ({err})") from None
     if slot.expert is None:
         return base, base.data
+    lo = _grouped_experts(model.get_submodule(path)).first_expert
     rows = base.shape[0]
-    lo = getattr(model.get_submodule(path), "ep_rank", 0) * rows
     return base, (base.data[slot.expert - lo] if lo <= slot.expert < lo + rows else None)
 
 
-def _check_arch(model_cfg: Config, ckpt_cfg: Config) -> None:
+def _grouped_experts(module: nn.Module) -> GroupedExperts:
+    """The GroupedExperts a layer's ``experts`` holds (itself, or inside an expert-parallel shard)."""
+    return next(m for m in module.modules() if isinstance(m, GroupedExperts))
+
+
+def _check_arch(model_cfg: ModelArgs, ckpt_cfg: ModelArgs) -> None:
     bad = []
     for section, names in _ARCH_FIELDS.items():
         sec = section.rstrip("_")
@@ -148,7 +154,7 @@ def load_hf_weights(model: nn.Module, path: str | Path, *, ignore_mtp: bool = Fa
     shape mismatch, before or while copying. Returns a :class:`LoadReport`.
     """
     path = Path(path)
-    cfg: Config = model.cfg  # type: ignore[assignment]
+    cfg: ModelArgs = model.args  # type: ignore[assignment]
     hf = read_hf_config(path)
     names = weight_map(path)
     _check_arch(cfg, hf_to_config(hf, mtp_depth=cfg.model.mtp_depth))
@@ -297,7 +303,7 @@ def _hf_tensor(state: Mapping[str, Tensor], s: Slot, dtype: torch.dtype | None) 
 
 def save_hf_state(
     state: Mapping[str, Tensor],
-    cfg: Config,
+    cfg: ModelArgs,
     out_dir: str | Path,
     *,
     dtype: torch.dtype | None = None,
@@ -367,12 +373,14 @@ def save_hf_checkpoint(
 ) -> Path | None:
     """Save a DeepSeekLM in HF format. On an expert-parallel model every rank must call this
     (the experts are all-gathered) and rank 0 writes; returns the directory on the writer."""
-    cfg: Config = model.cfg  # type: ignore[assignment]
-    sharded = any(hasattr(m, "ep_rank") and hasattr(m, "local") for m in model.modules())
+    cfg: ModelArgs = model.args  # type: ignore[assignment]
+    sharded = any(
+        isinstance(m, GroupedExperts) and m.n_experts < m.n_global_experts for m in model.modules()
+    )
     if sharded:
         import torch.distributed as dist
 
-        from deepsuite.training.export import full_state_dict
+        from deepsuite.distributed.expert_parallel import full_state_dict
 
         state = full_state_dict(model)
         if dist.get_rank() != 0:

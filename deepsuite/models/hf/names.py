@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from deepsuite.config import Config
+from deepsuite.config import ModelArgs
 
 _ATTN_V3 = ("q_a_proj", "q_a_layernorm", "q_b_proj")
 _ATTN_KV = ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj")
@@ -32,7 +32,7 @@ class Slot:
     kind: str = "copy"  # "copy" | "eh_proj" | "shared"
 
 
-def _block(cfg: Config, hf: str, ds: str, moe: bool, *, v3: bool) -> list[Slot]:
+def _block(cfg: ModelArgs, hf: str, ds: str, moe: bool, *, v3: bool) -> list[Slot]:
     """Slots of one decoder block: HF prefix ``hf`` (model.layers.i.), deepsuite prefix ``ds``."""
     q = _ATTN_V3 if cfg.mla.q_lora_rank else ("q_proj",)
     out = [
@@ -58,7 +58,7 @@ def _block(cfg: Config, hf: str, ds: str, moe: bool, *, v3: bool) -> list[Slot]:
     return out
 
 
-def hf_slots(cfg: Config, *, v3: bool = True) -> list[Slot]:
+def hf_slots(cfg: ModelArgs, *, v3: bool = True) -> list[Slot]:
     """All slots of a checkpoint for ``cfg``, in HF order (embedding, layers, norm, head, MTP).
 
     ``v3`` adds the balancing bias (``gate.e_score_correction_bias``) of every MoE layer. MTP

@@ -1,4 +1,5 @@
-"""Reads an offline wandb run (`run-<id>.wandb`) back: config, history, summary.
+"""Reads an offline wandb run (`run-<id>.wandb`) back: config, history, summary (for the tests
+that check what a run sent to wandb).
 
 wandb 0.31 ships no public reader. The file is a LevelDB-style log: a 7-byte header
 (":W&B", magic 0xBEE1, version 0), then 32 KiB blocks of chunks, each with a 7-byte header

@@ -10,8 +10,9 @@ Layout under ``<run_dir>/checkpoints``::
 
 A tag directory without a valid manifest is incomplete (killed mid-save) or corrupt (a file changed
 size or content); :func:`find_resumable` skips it, with a warning, and falls back to the previous one.
-DeepSpeed does the tensor I/O; its loads go through :class:`SafeTorchCheckpointEngine`, which reads
-with ``torch.load(weights_only=True)``.
+DeepSpeed does the tensor I/O; its loads read with ``torch.load(weights_only=True)``
+(:func:`deepsuite.distributed.engine.make_safe_checkpoint_engine`). Nothing here talks to other
+ranks: :mod:`deepsuite.checkpoint.run` orders the ranks around these steps.
 """
 
 from __future__ import annotations
@@ -140,31 +141,3 @@ def write_trainer_state(tag_dir: Path, state: dict[str, Any]) -> None:
 
 def read_trainer_state(tag_dir: Path) -> dict[str, Any]:
     return json.loads((tag_dir / TRAINER_STATE).read_text())
-
-
-def deepspeed_safe_globals() -> list[Any]:
-    """The data-only DeepSpeed classes its checkpoints pickle (enums, a loss-scaler record, a
-    fragment address); allowlisted by name so ``weights_only=True`` loading can read them."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
-
-
-def make_safe_checkpoint_engine() -> Any:
-    """A DeepSpeed checkpoint engine whose loads use ``torch.load(weights_only=True)``.
-
-    DeepSpeed's own engine loads with ``weights_only=False`` (arbitrary code on load); this one
-    refuses anything but tensors, containers and the classes of :func:`deepspeed_safe_globals`.
-    """
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
-    allowed = deepspeed_safe_globals()
-
-    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
-        def load(self, path: str, map_location: Any = None) -> Any:
-            with torch.serialization.safe_globals(allowed):
-                return torch.load(path, map_location=map_location, weights_only=True)
-
-    return SafeTorchCheckpointEngine()

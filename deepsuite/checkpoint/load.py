@@ -1,0 +1,137 @@
+"""Pour a full (unsharded) state into a live engine of any layout, and decide at load time.
+
+:func:`load_any_layout` is what a resuming run calls: the native DeepSpeed load when the saved
+EP x world x ZeRO layout is the live one, else :func:`~deepsuite.checkpoint.full_state.read_full_state`
+on every rank (no collective) and :func:`load_full_state`, which writes each rank's slice of the
+weights, fp32 master weights and Adam moments (ZeRO 0, 1 and 2), the LR schedule position and the
+engine's counters.
+
+Private DeepSpeed API relied on (0.19, pinned < 0.20): a parameter's ``_hp_mapping`` (its
+fragment in the ZeRO 1/2 flat partition), ``engine.optimizer.optimizer`` (the wrapped torch
+optimizer) and the engine's ``global_steps`` / ``global_samples`` / ``skipped_steps``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from deepsuite.checkpoint.full_state import MOMENTS, FullState, read_full_state, saved_layout
+from deepsuite.distributed.expert_shard import expert_slices, full_name, model_ep_size
+
+__all__ = ["load_any_layout", "load_full_state"]
+
+
+def _local(full: Tensor, name: str, slices: dict[str, range]) -> Tensor:
+    """This rank's rows of an expert tensor (all of any other tensor)."""
+    held = slices.get(name)
+    return full if held is None else full[held.start : held.stop]
+
+
+def _set_zero_moment(opt: Any, p: torch.nn.Parameter, key: str, value: Tensor) -> None:
+    """Write this rank's fragment of ``value`` (p's full shape) into the ZeRO 1/2 flat state.
+
+    DeepSpeed's ``safe_set_full_optimizer_state`` needs the state linked at engine build, which
+    happens only after a first step; the fragment addresses it would use are the same.
+    """
+    m = getattr(p, "_hp_mapping", None)
+    if m is None:  # no fragment of p in this rank's partition
+        return
+    flat = opt.optimizer.param_groups[m.param_group_index]["params"][0]
+    src = value.flatten().narrow(0, m.lp_fragment_address.start, m.lp_fragment_address.numel)
+    dst = opt.optimizer.state[flat][key]
+    dst.narrow(0, m.hp_fragment_address.start, m.hp_fragment_address.numel).copy_(src)
+
+
+@torch.no_grad()
+def load_full_state(engine: Any, model: torch.nn.Module, state: FullState) -> None:
+    """Pour ``state`` into a live engine of any EP x ZeRO (0/1/2) layout, on every rank.
+
+    Weights, fp32 masters, Adam moments and step, the LR schedule position and the engine's
+    counters. Without moments in ``state`` they are left freshly initialised and a warning says so.
+    """
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    slices = expert_slices(model)
+    own = dict(model.state_dict(keep_vars=True))
+    params = dict(model.named_parameters())
+    for name, t in list(own.items()):
+        if name in params or name not in state.module:
+            continue
+        t.copy_(state.module[name])  # persistent buffers: the balancing bias
+    missing = [n for n in params if full_name(n) not in state.module]
+    if missing:
+        raise ValueError(f"checkpoint: no tensor for parameters {missing[:4]} (config mismatch?)")
+    zero = engine.zero_optimization_stage()
+    opt = engine.optimizer
+    have_moments = state.adam_step > 0 and all(state.moments.get(k) for k in MOMENTS)
+    if zero in (1, 2) and have_moments:
+        # the base optimizer's state is created lazily at its first step: create it now
+        inner = opt.optimizer
+        for g in inner.param_groups:
+            for flat in g["params"]:
+                st = inner.state[flat]
+                st["step"] = torch.tensor(float(state.adam_step))
+                for key in MOMENTS:
+                    st.setdefault(key, torch.zeros_like(flat))
+    for name, p in params.items():
+        fname = full_name(name)
+        value = _local(state.module[fname], name, slices)
+        if value.shape != p.shape:
+            raise ValueError(
+                f"checkpoint: {fname} has shape {tuple(value.shape)}, model {tuple(p.shape)}"
+            )
+        p.copy_(value)
+        if zero in (1, 2):
+            safe_set_full_fp32_param(
+                p, _local(state.fp32.get(fname, state.module[fname]), name, slices)
+            )
+            if have_moments:
+                for key in MOMENTS:
+                    _set_zero_moment(opt, p, key, _local(state.moments[key][fname], name, slices))
+        elif have_moments:
+            s = opt.state[p]
+            s["step"] = torch.tensor(float(state.adam_step))
+            for key in MOMENTS:
+                s[key] = _local(state.moments[key][fname], name, slices).clone().to(p.dtype)
+    if not have_moments:
+        warnings.warn(
+            "reshard: the checkpoint holds no Adam moments for this layout; they restart from "
+            "zero (expect a few steps of different updates)",
+            stacklevel=2,
+        )
+    sched = engine.lr_scheduler
+    if sched is not None:
+        sched.last_epoch = state.lr_last_epoch - 1
+        sched.step()  # sets every group's lr for the saved position
+        sched._step_count = state.lr_last_epoch + 1
+    engine.global_steps = state.counters.get("global_steps", 0)
+    engine.global_samples = state.counters.get("global_samples", 0)
+    engine.skipped_steps = state.counters.get("skipped_steps", 0)
+
+
+def load_any_layout(engine: Any, model: torch.nn.Module, ckpt_dir: str | Path, tag: str) -> bool:
+    """Load ``<ckpt_dir>/<tag>`` into the live engine whatever EP / world / ZeRO stage saved it.
+
+    The native DeepSpeed load when the layout matches; otherwise (every rank, no collective)
+    :func:`read_full_state` + :func:`load_full_state`. Returns True when it resharded.
+    """
+    tag_dir = Path(ckpt_dir) / tag
+    saved = saved_layout(tag_dir)
+    here = {
+        "world": dist.get_world_size() if dist.is_initialized() else 1,
+        "ep": model_ep_size(model),
+        "zero": int(engine.zero_optimization_stage()),
+    }
+    if saved == here:
+        engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        return False
+    if (dist.get_rank() if dist.is_initialized() else 0) == 0:
+        print(f"resharding {tag_dir}: saved at {saved}, loading at {here}", flush=True)
+    load_full_state(engine, model, read_full_state(tag_dir))
+    return True
