@@ -35,6 +35,7 @@ from deepsuite.runlog import JSONL_NAME, keep_steps_up_to
 from deepsuite.training import preemption
 from deepsuite.training.engine import RunParts, build_run
 from deepsuite.training.metrics import MetricsLogger
+from deepsuite.training.moe_alerts import BalanceAlerts
 from deepsuite.training.moe_stats import (
     MoEStatsTracker,
     comm_stats,
@@ -72,8 +73,12 @@ class Trainer:
         self.layers = [
             (_layer_index(n, self.cfg.model.n_layers), m) for n, m in moe_layers(parts.model)
         ]
-        self.tracker = MoEStatsTracker(
-            self.cfg.moe.n_routed_experts, window=max(10, self.cfg.logging.moe_every)
+        log = self.cfg.logging
+        self.tracker = MoEStatsTracker(self.cfg.moe.n_routed_experts, window=log.moe_window_steps)
+        self.alerts = BalanceAlerts(
+            dead_steps=log.alert_dead_steps,
+            max_vio=log.alert_max_vio,
+            after_steps=log.alert_after_steps,
         )
         self.history: list[float | torch.Tensor] = []  # device values until read (logging)
         self.last_val: dict[str, float] = {}
@@ -97,6 +102,9 @@ class Trainer:
         self.step, self.tokens_seen = state.step, state.tokens_seen
         self.train_loader.load_state_dict(state.train_loader)
         self.history = state.loss_history
+        if state.metrics_window:  # absent in checkpoints written before it was saved
+            self.tracker.load_state_dict(state.metrics_window["moe"])
+            self.alerts.load_state_dict(state.metrics_window["alerts"])
 
     def save(self) -> Path:
         self._read([])  # the losses still on the device, as numbers in the checkpoint
@@ -107,6 +115,10 @@ class Trainer:
             train_loader=self.train_loader.state_dict(),
             config=self.cfg.to_dict(),
             loss_history=self.history,
+            metrics_window={
+                "moe": self.tracker.state_dict(),
+                "alerts": self.alerts.state_dict(),
+            },
         )
         return save_run(
             self.engine,
@@ -209,6 +221,8 @@ class Trainer:
                     per_rank[:, 0],
                     a2a_bytes=float(per_rank[:, 1].sum()),
                     a2a_time_s=float(per_rank[:, 2].max()),
+                    a2a_bytes_R=per_rank[:, 1],
+                    a2a_time_R=per_rank[:, 2],
                 )
             )
         return out
@@ -287,6 +301,7 @@ class Trainer:
             tags=list(log.tags) or None,
             console=log.console,
             total_steps=self.cfg.train.steps,
+            expert_series_max=log.expert_series_max,
         )
 
     def fit(self) -> dict[str, Any]:
@@ -301,15 +316,7 @@ class Trainer:
         while self.step < last and not preempted:
             with guard_collectives("train step", self.step):
                 metrics = self.train_step()
-            if self.step % self.cfg.logging.moe_every == 0 or self.step == cfg.steps:
-                metrics.update(self.tracker.metrics())
-            if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
-                with guard_collectives("evaluate", self.step):
-                    metrics.update(self.evaluate())
-            if self.step % self.cfg.logging.log_every == 0 or "loss/val" in metrics:
-                self.logger.log(self.read_metrics(metrics), step=self.step)
-            if "loss/val" in metrics and self.cfg.logging.wandb != "disabled":
-                self.logger.log_images(self.step)  # heatmaps and bias trajectories so far
+            self.log_step(metrics, last=self.step == last)
             if stop.agreed():
                 preempted = self.step < last  # a notice at the last step changes nothing
                 break
@@ -336,6 +343,33 @@ class Trainer:
             print(outcome.line, flush=True)
         return result
 
+    def log_step(self, metrics: dict[str, Any], *, last: bool) -> None:
+        """Alerts, the MoE window metrics every ``moe_every`` steps, evaluation, the log line,
+        and the heatmaps for wandb every ``images_every`` steps and at the end.
+
+        Only the steps that log read the device (the step's metrics in one transfer, the
+        tracker's in one more), so alerts are checked on those steps: every step with the default
+        ``log_every=1``. The tracker counts every step on the device (window and runs without a
+        token), so what a check sees does not depend on how often it runs."""
+        cfg, log, step = self.cfg.train, self.cfg.logging, self.step
+        moe_step = step % log.moe_every == 0 or step == cfg.steps
+        eval_step = bool(cfg.eval_every) and (step % cfg.eval_every == 0 or step == cfg.steps)
+        if step % log.log_every == 0 or moe_step or eval_step:
+            for alert in self.alerts.check(self.tracker, step):
+                self.logger.alert(alert.title, alert.text)
+            if moe_step:
+                metrics.update(self.tracker.metrics())
+            if eval_step:
+                with guard_collectives("evaluate", step):
+                    metrics.update(self.evaluate())
+            if step % log.log_every == 0 or moe_step or "loss/val" in metrics:
+                self.logger.log(self.read_metrics(metrics), step=step)
+        # other steps read nothing: their values stay on the device (the loss in the history)
+        if log.wandb != "disabled" and (
+            last or (log.images_every and step % log.images_every == 0)
+        ):
+            self.logger.log_images(step)  # drawn from the jsonl on rank 0
+
     def fit_result(
         self, first_step: int, elapsed: float, tokens: int, preempted: bool
     ) -> dict[str, Any]:
@@ -346,6 +380,8 @@ class Trainer:
             for k, v in self.tracker.metrics().items()
             if k.startswith("moe/") and "max_vio" in k and "layer" not in k
         }
+        if vio:
+            vio["moe/window_steps"] = self.tracker.window_steps
         result = {
             "steps": self.step,
             "steps_this_run": self.step - first_step,
@@ -380,7 +416,7 @@ def format_fit_result(s: dict[str, Any]) -> str:
         )
     if "moe/max_vio" in s["moe"]:
         lines.append(
-            f"train MaxVio    {s['moe']['moe/max_vio']:.3f} (last batch), {s['moe']['moe/max_vio_global']:.3f} (window)"
+            f"train MaxVio    {s['moe']['moe/max_vio']:.3f} (last batch), {s['moe']['moe/max_vio_global']:.3f} (window of the last {s['moe']['moe/window_steps']} steps)"
         )
     if s["tokens_per_s"]:
         lines.append(
