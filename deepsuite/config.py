@@ -395,12 +395,17 @@ class TrainConfig:
     # run): the architecture keys left at their default are taken from it, the others must match;
     # read only when the run has no checkpoint of its own to resume
     init_from: str = ""
+    # torch.compile each transformer block (deepsuite.training.compile.apply_compile); the
+    # backend "inductor" generates kernels, "aot_eager" only traces (a quick check of the graphs)
+    compile: bool = False
+    compile_backend: str = "inductor"
 
     def __post_init__(self) -> None:
         _positive("train", self, "steps", "micro_batch_size", "global_batch_size", "keep_last")
         _non_negative("train", self, "eval_every", "eval_batches", "save_every", "stop_at_step")
         _one_of("train.precision", self.precision, ["fp32", "bf16"])
         _one_of("train.activation_checkpointing", self.activation_checkpointing, ["none", "full"])
+        _one_of("train.compile_backend", self.compile_backend, ["inductor", "aot_eager"])
         _check(
             self.resume in ("auto", "never") or bool(self.resume),
             "train.resume",

@@ -15,12 +15,13 @@ PKG = ROOT / "deepsuite"
 ALLOWED: dict[str, set[str]] = {
     "layers": set(),
     "atomic": set(),
+    "host_sync": set(),
     "runlog": {"atomic"},
     "config": {"layers"},
     "plotting": {"runlog"},
     "summary": {"runlog"},
     "distributed": {"layers", "config"},
-    "data": {"config", "atomic"},
+    "data": {"config", "atomic", "layers"},  # layers.attention.doc_mask: docs/architecture.md
     "models": {"layers", "config", "distributed"},
     "planner": {"layers", "config", "distributed", "models"},
     "checkpoint": {"layers", "config", "distributed", "models", "atomic"},

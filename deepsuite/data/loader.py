@@ -42,6 +42,11 @@ from deepsuite.data.pipeline import (
 )
 from deepsuite.data.sft import IGNORE_INDEX
 from deepsuite.data.tokenizer import Tokenizer
+from deepsuite.layers.attention.doc_mask import (
+    document_block_mask,
+    document_mask,
+    flex_supported,
+)
 
 STATE_VERSION = 1
 
@@ -77,21 +82,28 @@ def make_batch(
 
 
 def model_inputs(
-    batch: dict[str, torch.Tensor], device: torch.device | str, document_masking: bool
-) -> dict[str, torch.Tensor]:
+    batch: dict[str, torch.Tensor],
+    device: torch.device | str,
+    document_masking: bool,
+    *,
+    flex: bool | None = None,
+) -> dict[str, Any]:
     """A loader batch -> the model's keyword arguments on ``device``.
 
-    With ``document_masking`` each token attends only to earlier tokens of its own document (a
-    boolean (B, 1, S, S) mask, ANDed with causal by the attention) and its rotary position
-    counts from the start of that document; without it the row is one causal sequence.
+    With ``document_masking`` each token attends only to earlier tokens of its own document and
+    its rotary position counts from the start of that document; without it the row is one
+    causal sequence. The mask is a FlexAttention block mask where flex attention trains
+    (``flex=None``: on CUDA), else the dense boolean (B, 1, S, S) mask it is tested against
+    (``deepsuite.layers.attention.doc_mask``); ``flex`` forces either.
     """
-    out = {
+    out: dict[str, Any] = {
         "input_ids": batch["input_ids"].to(device),
         "labels": batch["labels"].to(device),
     }
     if document_masking:
         doc_BS = batch["doc_ids"].to(device)
-        out["attention_mask"] = (doc_BS[:, :, None] == doc_BS[:, None, :]).unsqueeze(1)
+        use_flex = flex_supported(device) if flex is None else flex
+        out["attention_mask"] = document_block_mask(doc_BS) if use_flex else document_mask(doc_BS)
         out["position_ids"] = batch["position_ids"].to(device)
     return out
 

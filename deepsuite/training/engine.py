@@ -48,6 +48,7 @@ from deepsuite.distributed.groups import setup_expert_parallel
 from deepsuite.distributed.topology import resolve_group_limit
 from deepsuite.models import DeepSeekLM
 from deepsuite.training.activation_checkpointing import apply_activation_checkpointing
+from deepsuite.training.compile import apply_compile
 
 
 @dataclass
@@ -196,6 +197,9 @@ def build_run(cfg: Config) -> RunParts:
         if env.rank == 0:
             print(f"initialised from {init_src.path} ({init_src.kind})", flush=True)
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
+    if cfg.train.compile:  # per block, in place: parameter names and checkpoints unchanged;
+        # a checkpointed block's recomputation then replays the compiled block
+        apply_compile(model, cfg.train.compile_backend)
 
     grad_accum = cfg.grad_accumulation_steps(W)
     engine = build_engine(cfg, model, deepspeed_config(cfg, grad_accum))
