@@ -6,6 +6,14 @@ deepsuite plot RUN_DIR                      load heatmaps and bias trajectories 
 deepsuite summary RUN_DIR                   load balance per layer, worst experts, throughput
 deepsuite plan CONFIG --nodes N --gpus-per-node G   memory / FLOPs / all-to-all per GPU
 deepsuite convert ...                       Hugging Face DeepSeek-V2/V3 <-> deepsuite
+deepsuite reshard SRC DST --ep N            re-split a checkpoint to another EP size
+deepsuite torchrun [torchrun args] train/train.py CONFIG ...   torchrun, ending in one line
+
+Every subcommand runs inside the error boundary (:func:`deepsuite.errors.run_main`): bad input
+ends in one line naming the key or file and exit status 2, no traceback (``--debug`` or
+DEEPSUITE_DEBUG=1 shows it). A new subcommand is one row of ``COMMANDS``: a function taking
+argv and returning the exit status, raising :class:`deepsuite.errors.DeepsuiteError` for bad
+input.
 """
 
 from __future__ import annotations
@@ -13,6 +21,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from importlib import import_module
+
+from deepsuite.errors import EXIT_USER_ERROR, debug_requested, run_main
 
 # subcommand -> (module, function taking argv, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -27,6 +37,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "reshard_main",
         "re-split a checkpoint to another EP size",
     ),
+    "torchrun": ("deepsuite.cli", "torchrun_main", "torchrun, ending a failed run in one line"),
 }
 
 
@@ -49,6 +60,36 @@ def params_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def torchrun_main(argv: list[str] | None = None) -> int:
+    """``deepsuite torchrun ARGS``: torchrun itself (the same arguments, ``torch.distributed.run``),
+    but a failure ends without torchrun's own traceback.
+
+    When the first rank to fail exited with status 2 (bad input: every rank has printed the
+    line naming it) nothing more is printed and the status is 2; any other failure prints
+    torchrun's failure table (ranks, exit codes, error files) and exits 1, as torchrun does.
+    torchrun's log lines (the OMP_NUM_THREADS notice, 'Sending process ... SIGTERM') are shown
+    only with ``--debug`` / DEEPSUITE_DEBUG=1.
+    """
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not debug_requested(args):
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+        logging.getLogger("torch.distributed.run").setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(args))
+    except ChildFailedError as err:
+        _, first = err.get_first_failure()
+        if first.exitcode == EXIT_USER_ERROR:
+            return EXIT_USER_ERROR
+        print(err.format_msg(), file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
 def _usage() -> str:
     width = max(map(len, COMMANDS))
     rows = "\n".join(f"  {name:<{width}}  {help_}" for name, (_, _, help_) in COMMANDS.items())
@@ -64,9 +105,20 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"deepsuite: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    return run_command(name, rest)
+
+
+def run_command(name: str, argv: list[str], prog: str | None = None) -> int:
+    """Subcommand ``name`` with ``argv`` inside the error boundary; returns the exit status."""
     module, func, _ = COMMANDS[name]
-    fn: Callable[[list[str]], int] = getattr(import_module(module), func)
-    return int(fn(rest) or 0)
+    if name == "torchrun":  # its arguments are torchrun's (the script's --debug included)
+        return torchrun_main(argv)
+
+    def call(args: list[str]) -> int:
+        fn: Callable[[list[str]], int] = getattr(import_module(module), func)
+        return int(fn(args) or 0)
+
+    return run_main(call, argv, prog or f"deepsuite {name}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from deepsuite.errors import DataError
 from deepsuite.runlog import latest_loads, layer_ids, max_vio_series, read_metrics
 
 __all__ = [
@@ -229,9 +230,10 @@ def plot_main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         paths = write_plots(args.run_dir, args.out, layer=args.layer, dpi=args.dpi)
-    except ValueError as e:
-        print(f"deepsuite plot: {e}")
-        return 2
+    except DataError:
+        raise
+    except ValueError as e:  # names the run directory or the option; the boundary prints it
+        raise DataError(str(e)) from e
     for p in paths:
         print(p)
     return 0

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from deepsuite.cli import main as cli_main
 from deepsuite.config import load_config
 from deepsuite.models import count_parameters
 from deepsuite.planner import (
@@ -215,8 +216,8 @@ def test_plan_main_prints_and_exit_codes(capsys) -> None:
 )  # fmt: skip
 def test_nonsense_inputs_give_clear_errors(argv: list[str], needle: str, capsys) -> None:
     args = ["configs/tiny.yaml", "--gpus-per-node", "2", *argv]
-    assert plan_main(args) == 2
-    assert needle in capsys.readouterr().out
+    assert cli_main(["plan", *args]) == 2  # through the error boundary
+    assert needle in capsys.readouterr().err
 
 
 def test_layout_errors_name_the_setting() -> None:

@@ -8,6 +8,8 @@ import struct
 import numpy as np
 import pytest
 
+from deepsuite.cli import main as cli_main
+
 pytest.importorskip("matplotlib")
 
 from matplotlib import colormaps
@@ -114,6 +116,6 @@ def test_plot_main_writes_pngs_of_the_expected_size(tmp_path, capsys):
 def test_plot_main_reports_a_run_without_moe_keys(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "time": 0.0, "loss/train": 2.0}\n')
     assert draw_all(read_metrics(tmp_path)) == {}
-    assert plot_main([str(tmp_path)]) == 2
-    assert "no moe/layer*/load" in capsys.readouterr().out
-    assert plot_main([str(tmp_path / "missing")]) == 2
+    assert cli_main(["plot", str(tmp_path)]) == 2  # through the error boundary
+    assert "no moe/layer*/load" in capsys.readouterr().err
+    assert cli_main(["plot", str(tmp_path / "missing")]) == 2

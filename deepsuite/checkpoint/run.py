@@ -23,6 +23,7 @@ from deepsuite.checkpoint import layout
 from deepsuite.checkpoint.load import load_any_layout
 from deepsuite.distributed.comm import guard_collectives
 from deepsuite.distributed.expert_parallel import verify_bias_identical
+from deepsuite.errors import CheckpointError
 
 __all__ = ["TrainerState", "resume_run", "save_run"]
 
@@ -98,7 +99,7 @@ def resume_run(
     dist.broadcast_object_list(tag, src=0)
     if tag[0] is None:
         if resume != "auto":
-            raise ValueError(f"train.resume: no complete checkpoint under {ckpt_dir}")
+            raise CheckpointError(f"train.resume: no complete checkpoint under {ckpt_dir}")
         return None
     tag_dir = ckpt_dir / tag[0]
     # any EP / world / ZeRO layout: native load when it matches, else resharded on load

@@ -29,6 +29,7 @@ from deepsuite.distributed.expert_parallel import (
     moe_layers,
     sync_and_update_bias,
 )
+from deepsuite.errors import run_main
 from deepsuite.models import count_parameters
 from deepsuite.runlog import JSONL_NAME, keep_steps_up_to
 from deepsuite.training.engine import RunParts, build_run
@@ -364,4 +365,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, sys.argv[1:], "deepsuite train"))
