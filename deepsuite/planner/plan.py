@@ -12,11 +12,14 @@ overlapped lower bound is printed beside it).
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from deepsuite.config import Config, expert_parallel_sizes
+from deepsuite.distributed.ds_config import (
+    json_zero_stage,
+    read_deepspeed_json,
+    resolve_deepspeed_json,
+)
 from deepsuite.planner.comm import A2ATraffic, ReduceTraffic, balanced_a2a, reduce_traffic
 from deepsuite.planner.layout import HARDWARE, Hardware, Layout, validate_layout
 from deepsuite.planner.memory import (
@@ -92,10 +95,10 @@ def zero_stage_of(cfg: Config) -> int:
     """parallel.zero_stage, or the stage in parallel.deepspeed_config when it is -1."""
     if cfg.parallel.zero_stage >= 0:
         return cfg.parallel.zero_stage
-    path = Path(cfg.parallel.deepspeed_config)
+    path = resolve_deepspeed_json(cfg.parallel.deepspeed_config)
     if not path.is_file():
         return 1
-    return int(json.loads(path.read_text()).get("zero_optimization", {}).get("stage", 0))
+    return int(json_zero_stage(read_deepspeed_json(path)))
 
 
 def forward_flops_per_token(cfg: Config, pb: ParamBreakdown, seq_len: int) -> float:
