@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"deepsuite: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        print(f"deepsuite: error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     return run_command(name, rest)
 

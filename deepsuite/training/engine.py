@@ -15,6 +15,7 @@ import dataclasses
 import importlib.util
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 from deepsuite.checkpoint.validate import check_resume
-from deepsuite.config import Config, ConfigError
+from deepsuite.config import Config, ConfigError, ParallelConfig
 from deepsuite.data import (
     PackedLoader,
     Tokenizer,
@@ -138,17 +139,36 @@ def quiet_third_party(console: bool, rank: int) -> None:
     )
 
 
-def build_run(cfg: Config) -> RunParts:
-    """Validate, start torch.distributed, build data, model and the DeepSpeed engine."""
+def start_run(load: Callable[[], Config]) -> tuple[Config, DistEnv]:
+    """Load and validate the config on every rank, start the process group, agree on the verdict.
+
+    ``load`` builds the config (YAML and overrides), so a bad key is part of the verdict too:
+    with several ranks every one of them then prints the same message, instead of the fastest
+    exiting while torchrun stops the others before they print. A lone process with a problem
+    raises it at once, without starting anything.
+    """
     env = detect_env()
+    cfg: Config | None = None
     problem: Exception | None = None
     try:
+        cfg = load()
         validate_before_launch(cfg, env)  # before any collective
     except Exception as err:  # shared with every rank below, then raised
         problem = err
-    if problem is None or env.world_size > 1:  # one process with a problem stops right here
-        start_process_group(cfg.parallel.backend, cfg.parallel.collective_timeout_s)
+    if problem is None or env.world_size > 1:
+        p = cfg.parallel if cfg is not None else ParallelConfig()
+        start_process_group(p.backend, p.collective_timeout_s)
     agree_on_error(problem, "validation")  # the group's first collective
+    assert cfg is not None
+    return cfg, env
+
+
+def build_run(cfg: Config | Callable[[], Config]) -> RunParts:
+    """Validate, start torch.distributed, build data, model and the DeepSpeed engine.
+
+    ``cfg``: the config, or a function loading it (then its errors are agreed on as well).
+    """
+    cfg, env = start_run(cfg if callable(cfg) else lambda: cfg)
     quiet_third_party(cfg.logging.console, env.rank)
     init_distributed(cfg.parallel.backend, cfg.parallel.collective_timeout_s)
     check_same_config(cfg.to_dict())

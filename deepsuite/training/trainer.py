@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -349,15 +350,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, list[str]]:
     return args.config, args.overrides
 
 
-def train(cfg: Config) -> dict[str, Any]:
+def train(cfg: Config | Callable[[], Config]) -> dict[str, Any]:
+    """Build the run (``cfg`` or a function loading it: see ``build_run``) and train."""
     trainer = Trainer(build_run(cfg))
     return trainer.fit()
 
 
 def main(argv: list[str] | None = None) -> int:
     config, overrides = parse_args(argv)
-    cfg = load_config(config, overrides)
-    train(cfg)
+    train(lambda: load_config(config, overrides))  # loaded in the run: its errors are agreed on
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

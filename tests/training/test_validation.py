@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import pytest
 
 from deepsuite.config import ConfigError, load_config
 from deepsuite.distributed.env import DistEnv
 from deepsuite.training.engine import validate_before_launch
+from tests.training.runner import SMALL, metrics
+from tests.training.runner import env as run_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,3 +63,40 @@ def test_world_not_divisible_by_ep():
 def test_missing_deepspeed_json():
     with pytest.raises(ValueError, match="parallel.deepspeed_config"):
         validate_before_launch(cfg("parallel.deepspeed_config=configs/deepspeed/nope.json"), env(2))
+
+
+@pytest.mark.slow
+def test_two_plain_runs_at_once_and_a_txt_corpus_with_validation(tmp_path):
+    """Two single-process runs started together do not collide on a port (a lone process binds
+    none), and a .txt corpus, split into documents at blank lines, has a validation split."""
+    book = tmp_path / "book.txt"
+    book.write_text(
+        "\n\n".join(topics[k].strip().replace("\n\n", "\n") for k in sorted(topics)[:80])
+    )
+    common = [
+        sys.executable, str(ROOT / "train/train.py"), str(ROOT / "configs/tiny.yaml"), *SMALL,
+        "parallel.ep=1", "train.steps=2",
+    ]  # fmt: skip
+    runs = {
+        "builtin": [],
+        "txt": [f"data.source={book}", "data.val_fraction=0.1", "train.eval_every=2",
+                "train.eval_batches=1", f"data.cache_dir={tmp_path / 'cache'}"],
+    }  # fmt: skip
+    e = {k: v for k, v in run_env().items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    procs = {
+        name: subprocess.Popen(
+            [*common, f"train.run_dir={tmp_path / name}", *extra],
+            cwd=ROOT,
+            env=e,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for name, extra in runs.items()
+    }
+    outs = {name: p.communicate(timeout=600)[0] for name, p in procs.items()}
+    for name, p in procs.items():
+        assert p.returncode == 0, outs[name][-3000:]
+        assert "Traceback" not in outs[name]
+    val = [r["loss/val"] for r in metrics(tmp_path / "txt") if "loss/val" in r]
+    assert len(val) == 1 and val[0] > 0
