@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -298,6 +299,7 @@ class Result:
     rc: int
     out: str
     seconds: float
+    cpu_s: float  # user + system time of the command's processes (exact when JOBS=1)
     left: list[int]  # processes of the command's session still alive after it ended
 
 
@@ -318,7 +320,7 @@ def run_case(case: Case, d: Path) -> Result:
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):  # a launch of our own
         e.pop(var, None)
     e.update(case.env)
-    t0 = time.monotonic()
+    t0, ru0 = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN)
     p = subprocess.Popen(
         case.command(d),
         cwd=ROOT,
@@ -335,12 +337,14 @@ def run_case(case: Case, d: Path) -> Result:
         out, _ = p.communicate()
         out += f"\n[test] killed after {BOUND_S} s"
     seconds = time.monotonic() - t0
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = ru.ru_utime - ru0.ru_utime + ru.ru_stime - ru0.ru_stime
     deadline = time.monotonic() + 10  # a launcher's children may take a moment to be reaped
     while (left := _session_members(p.pid)) and time.monotonic() < deadline:
         time.sleep(0.2)
     if left:
         os.killpg(p.pid, signal.SIGKILL)
-    return Result(p.returncode, out, seconds, left)
+    return Result(p.returncode, out, seconds, cpu_s, left)
 
 
 @pytest.fixture(scope="module")
@@ -373,7 +377,18 @@ def test_bad_input_ends_in_one_clear_line(case: Case, files: Path, results) -> N
     shown = f"{case.id}: exit {r.rc} after {r.seconds:.1f} s:\n{r.out[-3000:]}"
     if os.environ.get("DEEPSUITE_BAD_INPUT_TIMES"):  # a file to collect the times to failure
         with open(os.environ["DEEPSUITE_BAD_INPUT_TIMES"], "a") as f:
-            f.write(json.dumps({"case": case.id, "kind": case.kind, "rc": r.rc, "s": r.seconds}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "case": case.id,
+                        "kind": case.kind,
+                        "rc": r.rc,
+                        "s": r.seconds,
+                        "cpu_s": r.cpu_s,
+                    }
+                )
+                + "\n"
+            )
     assert r.rc == case.rc, shown
     for needle in case.needles:
         assert needle in r.out, f"{needle!r} missing; {shown}"

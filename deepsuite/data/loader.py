@@ -160,7 +160,8 @@ class PackedLoader:
             raise DataError(
                 f"data: the val split packs into {self.rows_per_epoch} sequences of data.seq_len="
                 f"{self.seq_len}, fewer than one global batch ({self.B} x {self.W}); raise "
-                "data.val_fraction or lower the batch size"
+                "data.val_fraction, lower train.micro_batch_size, or set data.val_fraction=0 to "
+                "train without a validation split"
             )
 
     def _too_short_msg(self) -> str:
