@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One prepared GPU run (the `run` device tool, or any one-GPU CUDA machine with torch):
 #   MFU of the MoE layer (grouped-GEMM bf16 path vs loop path vs dense floor) and of a
-#   deepseek_1b training step, then the MoE peer table in bf16. Tables go to $OUT (or ./gpu_out).
-# Installs nothing: pure-Python omegaconf and the peers travel in .cache/gpu_carry
-# (benchmarks/prepare_gpu_carry.sh builds it); DeepSpeed is not expected on the device.
+#   deepseek_1b training step, the trainer's CUDA smoke test (tests/training/test_gpu_smoke.py),
+#   then the MoE peer table in bf16. Tables go to $OUT (or ./gpu_out).
+# Installs nothing: pure-Python omegaconf, DeepSpeed and datasets for the smoke test, and the peers
+# travel in .cache/gpu_carry (benchmarks/prepare_gpu_carry.sh builds it).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -30,6 +31,10 @@ timeout 100 $PY benchmarks/mfu.py --mode train --bf16-params --dtype bf16 "${MFU
   | grep -v -e Warning -e '^  ' | tee -a "$OUT/mfu.txt"
 timeout 100 $PY benchmarks/mfu.py --mode train --dtype bf16 "${MFU_ARGS[@]}" 2>&1 \
   | grep -v -e Warning -e '^  ' | tail -4 | tee -a "$OUT/mfu.txt"
+# the trainer's CUDA path: EP over every local GPU on nccl, a few steps (DeepSpeed, datasets and
+# their dependencies that the image lacks come from the carry)
+PYTHONPATH="$PYTHONPATH:$PWD/$CARRY/train" timeout 300 $PY -m pytest -q -rs -m gpu \
+  -p no:cacheprovider tests/training/test_gpu_smoke.py 2>&1 | tail -15 | tee "$OUT/gpu_smoke.txt"
 timeout 150 $PY benchmarks/moe_peers.py --dtype bf16 --timeout 60 \
   --variants ours,dense,hf,hf_grouped,titan,seed_eff,seed_loop,deepspeed "${PEER_ARGS[@]}" \
   --json "$OUT/moe_peers_gpu.json" 2>&1 | tee "$OUT/moe_peers_gpu.txt"

@@ -4,6 +4,7 @@ deepsuite train CONFIG [key=value ...]      (under torchrun / deepspeed / accele
 deepsuite params CONFIG [key=value ...]     parameter counts (total / activated) on the meta device
 deepsuite plot RUN_DIR                      load heatmaps and bias trajectories as PNG, from the jsonl
 deepsuite summary RUN_DIR                   load balance per layer, worst experts, throughput
+deepsuite workspace RUN_DIR --entity E --project P --save   the load-balance wandb workspace
 deepsuite plan CONFIG --nodes N --gpus-per-node G   memory / FLOPs / all-to-all per GPU
 deepsuite convert ...                       Hugging Face DeepSeek-V2/V3 <-> deepsuite
 deepsuite reshard SRC DST --ep N            re-split a checkpoint to another EP size
@@ -30,6 +31,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "params": ("deepsuite.cli", "params_main", "count parameters of a config"),
     "plot": ("deepsuite.plotting", "plot_main", "write load-balance PNGs for a run directory"),
     "summary": ("deepsuite.summary", "summary_main", "summarise a finished run"),
+    "workspace": (
+        "deepsuite.training.wandb_workspace",
+        "workspace_main",
+        "save the load-balance wandb workspace for a run's project",
+    ),
     "plan": ("deepsuite.planner", "plan_main", "capacity plan: memory, FLOPs, communication"),
     "convert": ("deepsuite.models.hf", "hf_main", "convert Hugging Face DeepSeek checkpoints"),
     "reshard": (

@@ -419,14 +419,41 @@ class LoggingConfig:
     console: bool = True
     log_every: int = 1
     moe_every: int = 10
+    # MoE window: window MaxVio, dead experts and per-expert load sum the last
+    # max(moe_window, moe_every) steps, so consecutive MoE logs leave no step out
+    moe_window: int = 10
+    # wandb only: the load and bias heatmaps (drawn from the jsonl on rank 0, ~0.1 s per
+    # picture) every this many steps and at the last step; 0 = at the last step only
+    images_every: int = 100
+    # wandb only: per-expert series moe/layerL/expert/EE/{load_share,bias} are logged while
+    # 2 x MoE layers x experts stays within this (W&B advises < 10,000 metrics per project)
+    expert_series_max: int = 4096
+    # alerts (console line + wandb.alert), once per onset, none before alert_after_steps:
+    alert_dead_steps: int = 100  # an expert without a token for this many steps; 0 = off
+    alert_max_vio: float = 1.0  # a layer's window MaxVio above this; 0 = off
+    alert_after_steps: int = 500  # warm-up: the bias needs gamma x steps to reach its spread
     peak_tflops: float = (
         0.0  # per device, for perf/mfu (e.g. 989 for H100 SXM bf16); 0 = not logged
     )
 
     def __post_init__(self) -> None:
         _one_of("logging.wandb", self.wandb, ["disabled", "offline", "online"])
-        _positive("logging", self, "log_every", "moe_every")
-        _non_negative("logging", self, "peak_tflops")
+        _positive("logging", self, "log_every", "moe_every", "moe_window")
+        _non_negative(
+            "logging",
+            self,
+            "peak_tflops",
+            "images_every",
+            "expert_series_max",
+            "alert_dead_steps",
+            "alert_max_vio",
+            "alert_after_steps",
+        )
+
+    @property
+    def moe_window_steps(self) -> int:
+        """The MoE metrics window in steps: max(moe_window, moe_every)."""
+        return max(self.moe_window, self.moe_every)
 
 
 @dataclass

@@ -4,8 +4,11 @@ The one reader the plots (:mod:`deepsuite.plotting`), the summary (:mod:`deepsui
 the trainer (trimming the log on resume, pictures for wandb) share. No torch, no plotting.
 
 A line is ``{"step": int, "time": float, **metrics}`` (:class:`deepsuite.training.metrics.MetricsLogger`
-writes it); per MoE layer L the keys ``moe/layerL/load`` (tokens per expert, a list),
-``moe/layerL/max_vio``, ``moe/layerL/max_vio_global`` and ``moe/layerL/bias`` (a list).
+writes it); per MoE layer L the keys ``moe/layerL/load`` (tokens per expert of the step, a list),
+``moe/layerL/load_window`` (tokens per expert over the window, a list; runs written before it
+existed have only ``load``, and readers fall back to it), ``moe/layerL/max_vio``,
+``moe/layerL/max_vio_global`` (the window's), ``moe/layerL/dead_experts``, ``moe/layerL/bias``
+(a list), and ``moe/window_steps`` (how many steps the window held).
 
 Legend: E experts.
 """
@@ -28,8 +31,10 @@ __all__ = [
     "last_scalar",
     "latest_loads",
     "layer_ids",
+    "load_key",
     "max_vio_series",
     "read_metrics",
+    "window_steps",
 ]
 
 JSONL_NAME = "metrics.jsonl"
@@ -103,13 +108,28 @@ def layer_ids(records: list[dict[str, Any]]) -> list[int]:
     return sorted(found)
 
 
-def latest_loads(records: list[dict[str, Any]]) -> dict[int, list[float]]:
-    """Layer -> the last logged per-expert load list (E token counts)."""
+def load_key(layer: int, record: dict[str, Any], window: bool) -> str:
+    """The load list to read from `record`: the window's when asked for and present, else the
+    step's (``moe/layerL/load``; all a run written before windows were logged has)."""
+    key = f"moe/layer{layer}/load"
+    return key + "_window" if window and key + "_window" in record else key
+
+
+def latest_loads(records: list[dict[str, Any]], *, window: bool = False) -> dict[int, list[float]]:
+    """Layer -> the last logged per-expert load list (E token counts): of that step, or with
+    `window` summed over the window (the step's in a run that logged no window)."""
     out: dict[int, list[float]] = {}
     for r in records:
         for layer in layer_ids([r]):
-            out[layer] = r[f"moe/layer{layer}/load"]
+            out[layer] = r[load_key(layer, r, window)]
     return out
+
+
+def window_steps(records: list[dict[str, Any]]) -> int | None:
+    """The steps the last logged MoE window held (``moe/window_steps``); None for a run written
+    before it was logged."""
+    v = last_scalar(records, "moe/window_steps")
+    return None if v is None else int(v)
 
 
 def max_vio_series(records: list[dict[str, Any]]) -> dict[int, dict[str, list[float]]]:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from deepsuite.errors import DataError
-from deepsuite.runlog import iter_scalar_series, last_scalar, layer_ids, read_metrics
+from deepsuite.runlog import iter_scalar_series, last_scalar, layer_ids, read_metrics, window_steps
 
 __all__ = ["format_summary", "summarize", "summary_main"]
 
@@ -51,8 +51,9 @@ def _layer_summary(records: list[dict[str, Any]], layer: int, top: int) -> dict[
 def summarize(run_dir: str | Path, *, top: int = 3, skip_first: int = 1) -> dict[str, Any]:
     """Summary of a run from its metrics.jsonl.
 
-    Per layer: MaxVio (last batch, mean over logged batches, last window "global", and over the
-    sum of every logged load), dead/never-used experts, the `top` hottest and coldest experts by
+    Per layer: MaxVio (last batch, mean over logged batches, last window "global" over the last
+    `window_steps` steps (None for a run that did not log it), and over the sum of every
+    logged load), dead/never-used experts, the `top` hottest and coldest experts by
     share of tokens relative to the mean (1 = fair). Throughput: mean tokens/s, MFU and step-time
     parts (`time/*`, seconds) over logged steps, skipping the first `skip_first` (warm-up).
     """
@@ -72,6 +73,7 @@ def summarize(run_dir: str | Path, *, top: int = 3, skip_first: int = 1) -> dict
     return {
         "run_dir": str(run_dir),
         "steps": [int(records[0]["step"]), int(records[-1]["step"])],
+        "window_steps": window_steps(records),
         "loss": {
             "train_last": last_scalar(records, "loss/train"),
             "val_last": last_scalar(records, "loss/val"),
@@ -105,9 +107,15 @@ def format_summary(s: dict[str, Any]) -> str:
         parts = "  ".join(f"{k} {_f(v, '.4f')}" for k, v in th["step_time_s"].items())
         lines.append(f"step time (s): {parts}")
     if s["layers"]:
+        w = s.get("window_steps")
+        window = f"the last {w} steps" if w else "the run's window (length not logged)"
         lines.append("")
         lines.append(
-            f"{'layer':>5} {'E':>4} {'MaxVio':>7} {'mean':>7} {'global':>7} {'all':>7} "
+            f"MaxVio: last logged step, mean over logged steps, window = over {window}, "
+            "all = over every logged step's load"
+        )
+        lines.append(
+            f"{'layer':>5} {'E':>4} {'MaxVio':>7} {'mean':>7} {'window':>7} {'all':>7} "
             f"{'dead':>4}  hottest (share)        coldest (share)"
         )
     for la in s["layers"]:

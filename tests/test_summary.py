@@ -53,9 +53,22 @@ def test_summarize_hand_worked(tmp_path):
     assert summarize(tmp_path, skip_first=0)["throughput"]["tokens_per_s"] == pytest.approx(
         4010.0 / 3
     )
+    assert s["window_steps"] is None  # a run written before the window length was logged
     text = format_summary(s)
+    assert "window = over the run's window (length not logged)" in text
     assert "tokens/s 2,000" in text and "MFU 35.00%" in text
     assert "0:2.00, 1:1.50" in text and "3:0.00, 2:0.50" in text
+
+
+def test_summary_states_the_window(tmp_path):
+    _write(tmp_path)
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 4, "time": 0.0, "moe/layer2/load": [2, 2, 2, 2],
+                            "moe/layer2/load_window": [8, 6, 6, 4],
+                            "moe/window_steps": 10}) + "\n")  # fmt: skip
+    s = summarize(tmp_path)
+    assert s["window_steps"] == 10 and s["layers"][0]["logged_steps"] == 3
+    assert "window = over the last 10 steps" in format_summary(s)
 
 
 def test_summary_main_text_json_and_errors(tmp_path, capsys):

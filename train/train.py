@@ -14,7 +14,10 @@ Bad input (a config key, a file, the data) ends in one line per rank naming it a
 
 import sys
 
-from deepsuite.cli import run_command
-
 if __name__ == "__main__":
+    from deepsuite.training.preemption import listen
+
+    listen()  # before the slow imports: a preemption notice during start-up is kept, not lost
+    from deepsuite.cli import run_command
+
     sys.exit(run_command("train", sys.argv[1:], prog="train/train.py"))

@@ -38,6 +38,9 @@ class TrainerState:
     train_loader: dict[str, Any]  # the loader's state_dict(): its position in the data
     config: dict[str, Any]  # the resolved config (Config.to_dict())
     loss_history: list[float] = field(default_factory=list)
+    # the metrics' windowed state (the MoE window, alert state): a resumed run logs what an
+    # uninterrupted one logs; plain JSON written by the trainer, opaque here
+    metrics_window: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainerState:
@@ -48,6 +51,7 @@ class TrainerState:
             train_loader=d["train_loader"],
             config=d["config"],
             loss_history=d.get("loss_history", []),
+            metrics_window=d.get("metrics_window", {}),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -57,6 +61,7 @@ class TrainerState:
             "world_size": self.world_size,
             "train_loader": self.train_loader,
             "loss_history": self.loss_history,
+            "metrics_window": self.metrics_window,
             "config": self.config,
         }
 

@@ -21,6 +21,7 @@ __all__ = [
     "detect_env",
     "first_slurm_host",
     "init_distributed",
+    "resolve_backend",
     "start_process_group",
 ]
 
@@ -150,11 +151,13 @@ def _init_on_agent_store(backend: str, info: DistEnv, timeout: timedelta) -> Non
     )
 
 
-def _resolve_backend(backend: str) -> str:
+def resolve_backend(backend: str = "auto") -> str:
+    """The torch.distributed backend for ``backend``: "auto" is nccl where CUDA is visible (as
+    DeepSpeed's accelerator then is CUDA), gloo on the CPU; "nccl" without CUDA is an error."""
     if backend not in ("auto", "gloo", "nccl"):
         raise ValueError(f"backend: expected 'auto', 'gloo' or 'nccl', got {backend!r}")
     if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        return "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl" and not torch.cuda.is_available():
         raise LaunchError("parallel.backend: 'nccl' needs CUDA; use 'gloo' or 'auto' on CPU")
     return backend
@@ -171,7 +174,7 @@ def start_process_group(backend: str = "auto", timeout_s: float = 1800.0) -> Dis
     if timeout_s <= 0:
         raise ValueError(f"timeout_s: expected > 0 seconds, got {timeout_s}")
     info = detect_env()
-    backend = _resolve_backend(backend)
+    backend = resolve_backend(backend)
     # deepspeed reads env:// variables; SLURM-only launches do not set them
     for key, value in {
         "RANK": info.rank,
@@ -230,7 +233,7 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> DistEn
 
     with _quiet_stdout():  # deepspeed only wraps the group started above
         deepspeed.init_distributed(
-            dist_backend=_resolve_backend(backend),
+            dist_backend=resolve_backend(backend),
             auto_mpi_discovery=False,
             timeout=timedelta(seconds=timeout_s),
             verbose=False,

@@ -7,8 +7,13 @@ writes anything.
 Keys are namespaced (`loss/train`, `optim/lr`, `perf/tokens_per_s`, `time/forward`,
 `moe/layer3/max_vio`, `moe/layer3/load`, `comm/a2a_bytes`, ...). A jsonl line is
 {"step": int, "time": float (unix seconds), **metrics}; lists (per-expert load, bias) are kept
-as lists. In wandb, `.../load` lists become exact per-expert histograms (bin i = expert i),
-other lists become value histograms.
+as lists. In wandb every key keeps one name for the whole run:
+  - `.../load` and `.../load_window` lists become exact per-expert histograms (bin i = expert i);
+    other lists (the bias) become value histograms;
+  - per expert E of layer L, `moe/layerL/expert/EE/load_share` (its tokens over the window
+    divided by the fair share: 1 = fair, 0 = dead) and `moe/layerL/expert/EE/bias` are scalar
+    series while 2 x layers x experts stays within `expert_series_max` (:func:`expert_series`);
+  - pictures go under fixed keys (:meth:`MetricsLogger.log_images`).
 """
 
 from __future__ import annotations
@@ -28,7 +33,13 @@ import numpy as np
 
 from deepsuite.runlog import JSONL_NAME, latest_loads, read_metrics
 
-__all__ = ["BIAS_HIST_BINS", "MetricsLogger", "plain_config"]
+__all__ = [
+    "BIAS_HIST_BINS",
+    "EXPERT_SERIES_MAX",
+    "MetricsLogger",
+    "expert_series",
+    "plain_config",
+]
 
 WANDB_MODES = ("online", "offline", "disabled")
 # Scalars the console line shows, in this order, when present (the rest go to jsonl / wandb).
@@ -43,6 +54,38 @@ _CONSOLE_KEYS = (
     "moe/max_vio_global",
 )
 BIAS_HIST_BINS = 32
+EXPERT_SERIES_MAX = 4096  # default cap on per-expert scalar series (see expert_series)
+_EXACT_HIST = ("/load", "/load_window")  # list keys drawn as exact per-expert histograms
+
+
+def expert_series(metrics: Mapping[str, Any], cap: int) -> dict[str, float]:
+    """Per-expert scalars from the per-layer lists: `moe/layerL/expert/EE/load_share` (the
+    expert's tokens over the window divided by the mean: 1 = fair share, 0 = dead) and
+    `moe/layerL/expert/EE/bias`; EE is zero-padded to at least 2 digits so names sort.
+    Empty when there would be more than `cap` of them: the same lists arrive at every MoE log,
+    so a run either has all of these keys from its first MoE log to its last, or none."""
+    lists = {
+        k: v
+        for k, v in metrics.items()
+        if k.startswith("moe/layer")
+        and k.endswith(("/load_window", "/bias"))
+        and isinstance(v, list)
+        and v
+    }
+    if not lists or sum(len(v) for v in lists.values()) > cap:
+        return {}
+    out: dict[str, float] = {}
+    for k, v in lists.items():
+        prefix, kind = k.rsplit("/", 1)
+        width = max(2, len(str(len(v) - 1)))
+        if kind == "load_window":
+            mean = sum(v) / len(v)
+            values = [x / mean if mean > 0 else 0.0 for x in v]
+            name = "load_share"
+        else:
+            values, name = [float(x) for x in v], "bias"
+        out.update({f"{prefix}/expert/{e:0{width}d}/{name}": x for e, x in enumerate(values)})
+    return out
 
 
 def plain_config(config: Any) -> dict[str, Any]:
@@ -106,6 +149,10 @@ class _Console:
         if len(parts) > 1:
             self._bar.write(" | ".join(parts), file=self._stream)
 
+    def warn(self, line: str) -> None:
+        """A line on stderr; the bar is cleared and redrawn around it."""
+        self._bar.write(line, file=sys.stderr)
+
     def close(self) -> None:
         self._bar.close()
 
@@ -121,9 +168,10 @@ def _fmt(v: float) -> str:
 class _Wandb:
     """wandb sink; imported lazily so the package works without wandb installed."""
 
-    def __init__(self, wandb: Any, run: Any) -> None:
+    def __init__(self, wandb: Any, run: Any, expert_series_max: int) -> None:
         self.wandb = wandb
         self.run = run
+        self.expert_series_max = expert_series_max
 
     def convert(self, metrics: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -131,7 +179,7 @@ class _Wandb:
             if isinstance(v, list):
                 if not v:
                     continue
-                if k.endswith("/load"):  # exact per-expert histogram: bin i holds expert i
+                if k.endswith(_EXACT_HIST):  # exact per-expert histogram: bin i = expert i
                     edges = np.arange(len(v) + 1, dtype=np.float64)
                     out[k] = self.wandb.Histogram(np_histogram=(list(v), edges.tolist()))
                 else:
@@ -139,6 +187,7 @@ class _Wandb:
                     out[k] = self.wandb.Histogram(np_histogram=(counts.tolist(), edges.tolist()))
             else:
                 out[k] = v
+        out.update(expert_series(metrics, self.expert_series_max))
         return out
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
@@ -152,7 +201,7 @@ class MetricsLogger:
     (default "disabled"). project / name / group / tags default to WANDB_PROJECT, WANDB_NAME,
     WANDB_RUN_GROUP, WANDB_TAGS (comma-separated). If wandb is not importable, a warning is
     given and the other sinks carry on. The resolved `config` (dict, DictConfig or dataclass)
-    is logged to wandb.
+    is logged to wandb. expert_series_max: the cap of :func:`expert_series`.
     """
 
     def __init__(
@@ -169,6 +218,7 @@ class MetricsLogger:
         console: bool = True,
         total_steps: int | None = None,
         stream: IO[str] | None = None,
+        expert_series_max: int = EXPERT_SERIES_MAX,
     ) -> None:
         if not isinstance(rank, int) or rank < 0:
             raise ValueError(f"rank must be an int >= 0, got {rank!r}")
@@ -178,6 +228,9 @@ class MetricsLogger:
             raise ValueError(f"wandb_mode must be one of {WANDB_MODES}, got {mode!r}")
         if total_steps is not None and total_steps < 0:
             raise ValueError(f"total_steps must be >= 0 or None, got {total_steps}")
+        if not isinstance(expert_series_max, int) or expert_series_max < 0:
+            raise ValueError(f"expert_series_max must be an int >= 0, got {expert_series_max!r}")
+        self.expert_series_max = expert_series_max
         self.run_dir = Path(run_dir)
         self.rank = rank
         self.wandb_mode = mode
@@ -227,7 +280,7 @@ class MetricsLogger:
             dir=os.environ.get("WANDB_DIR") or str(self.run_dir),
             reinit="finish_previous",
         )
-        return _Wandb(wandb, run)
+        return _Wandb(wandb, run, self.expert_series_max)
 
     def log(self, metrics: dict[str, float | int | list[float]], step: int) -> None:
         """Writes one record at `step` (optimizer steps, >= 0). No-op on rank != 0."""
@@ -251,16 +304,32 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log(clean, step)
 
-    def log_images(self, step: int, *, layer: int | None = None) -> None:
-        """Logs the expert-load heatmaps, MaxVio series and bias trajectories, drawn from the
-        jsonl so far, to wandb as images (and a per-expert load table). No-op without wandb."""
+    def alert(self, title: str, text: str) -> None:
+        """One line on stderr (even with the console sink off) and a wandb alert (level WARN,
+        which wandb online forwards by email / Slack). Rank 0 only."""
+        if not self.active:
+            return
+        line = f"deepsuite WARNING {text}"
+        if self._console is not None:
+            self._console.warn(line)
+        else:
+            print(line, file=sys.stderr, flush=True)
+        if self._wandb is not None:
+            wb = self._wandb.wandb
+            self._wandb.run.alert(title=title, text=text, level=wb.AlertLevel.WARN)
+
+    def log_images(self, step: int) -> None:
+        """Logs the heatmaps of :func:`deepsuite.plotting.draw_heatmaps` (relative load layers x
+        experts, and per layer load and bias experts x steps), drawn from the jsonl so far, to
+        wandb under fixed keys `plots/<name>`, and the last window's loads as a table
+        (`moe/load_table`: layer, expert, tokens, share). No-op without wandb."""
         if not self.active or self._wandb is None or self._file is None:
             return
-        from deepsuite.plotting import draw_all, figure_to_rgb  # matplotlib: only when drawing
+        from deepsuite.plotting import draw_heatmaps, figure_to_rgb  # matplotlib: when drawing
 
         self._file.flush()
         records = read_metrics(self.jsonl_path)
-        figs = draw_all(records, layer=layer)
+        figs = draw_heatmaps(records)
         if not figs:
             return
         wb = self._wandb.wandb
@@ -268,10 +337,13 @@ class MetricsLogger:
             f"plots/{k}": wb.Image(figure_to_rgb(fig)) for k, fig in figs.items()
         }
         rows = [
-            [lay, e, c] for lay, load in latest_loads(records).items() for e, c in enumerate(load)
+            [layer, e, c, c * len(load) / sum(load) if sum(load) > 0 else 0.0]
+            for layer, load in latest_loads(records, window=True).items()
+            for e, c in enumerate(load)
         ]
         if rows:
-            payload["moe/load_table"] = wb.Table(columns=["layer", "expert", "tokens"], data=rows)
+            columns = ["layer", "expert", "tokens", "share"]
+            payload["moe/load_table"] = wb.Table(columns=columns, data=rows)
         self._wandb.run.log(payload, step=step)
 
     def close(self) -> None:

@@ -65,10 +65,16 @@ def load_entropy(counts_E: Any) -> float:
 
 
 def comm_stats(
-    tokens_received_R: Any, *, a2a_bytes: float | None = None, a2a_time_s: float | None = None
+    tokens_received_R: Any,
+    *,
+    a2a_bytes: float | None = None,
+    a2a_time_s: float | None = None,
+    a2a_bytes_R: Any = None,
+    a2a_time_R: Any = None,
 ) -> dict[str, float]:
     """Per expert-parallel rank keys: tokens each rank received (the straggler view), all-to-all
-    bytes and seconds for the step. `comm/straggler` = max / mean tokens received (1 = even)."""
+    bytes and seconds for the step, in total and (given the per-rank vectors) per rank.
+    `comm/straggler` = max / mean tokens received (1 = even)."""
     t = _as_vector(tokens_received_R, "tokens_received_R")
     out: dict[str, float] = {f"comm/rank{r}/tokens_received": float(v) for r, v in enumerate(t)}
     mean = t.mean() if t.size else 0.0
@@ -77,6 +83,10 @@ def comm_stats(
         out["comm/a2a_bytes"] = float(a2a_bytes)
     if a2a_time_s is not None:
         out["comm/a2a_time"] = float(a2a_time_s)
+    for name, per_rank in (("a2a_bytes", a2a_bytes_R), ("a2a_time", a2a_time_R)):
+        if per_rank is not None:
+            v = _as_vector(per_rank, f"{name}_R", t.size)
+            out.update({f"comm/rank{r}/{name}": float(x) for r, x in enumerate(v)})
     return out
 
 
@@ -103,13 +113,18 @@ class MoEStatsTracker:
     """Accumulates per-layer global expert counts and produces namespaced metric keys.
 
     Call `update(layer, counts_E, bias_E)` once per optimizer step for every MoE layer, and
-    `metrics()` on the steps you log. "global" MaxVio and dead experts are over the last
-    `window` updates of that layer; the batch figures are from the latest update.
+    `metrics()` on the steps you log. The "window" is the last `window` updates of a layer
+    (fewer at the start of a run); `moe/window_steps` says how many it holds, and window MaxVio,
+    dead experts and `load_window` are all computed from the same summed counts. The batch
+    figures are from the latest update. The window, the latest values and each expert's run of
+    steps without a token are state: `state_dict()` / `load_state_dict()` carry them through a
+    checkpoint (plain JSON types), so a resumed run logs what an uninterrupted one logs.
 
     Keys, for layer L (the model's layer index):
       moe/layerL/load            list of E token counts of the latest global batch
-      moe/layerL/max_vio         MaxVio of that batch
-      moe/layerL/max_vio_global  MaxVio of the counts summed over the window
+      moe/layerL/load_window     list of E token counts summed over the window
+      moe/layerL/max_vio         MaxVio of the latest batch
+      moe/layerL/max_vio_global  MaxVio of load_window (the window's MaxVio)
       moe/layerL/load_min|max    fewest / most tokens any expert received in the batch
       moe/layerL/load_entropy    normalised entropy of the token shares (1 = uniform)
       moe/layerL/dead_experts    experts that received no token in the whole window
@@ -117,6 +132,7 @@ class MoEStatsTracker:
       moe/layerL/bias, bias_mean|min|max   the balancing bias, when given
       moe/layerL/seq_aux_loss    the sequence-wise balance loss, when given
       moe/max_vio, moe/max_vio_global      mean over layers; moe/max_vio_worst = max over layers
+      moe/window_steps           steps the window holds (the same for every layer)
     """
 
     def __init__(self, n_experts: int, *, window: int = 100) -> None:
@@ -128,6 +144,7 @@ class MoEStatsTracker:
         self.window = window
         self._counts: dict[int, deque[np.ndarray]] = {}
         self._latest: dict[int, dict[str, Any]] = {}
+        self._zero_run: dict[int, np.ndarray] = {}  # [E] consecutive updates without a token
 
     def update(
         self,
@@ -154,16 +171,29 @@ class MoEStatsTracker:
             latest["seq_aux_loss"] = float(seq_aux_loss)
         self._counts.setdefault(layer, deque(maxlen=self.window)).append(c)
         self._latest[layer] = latest
+        run = self._zero_run.get(layer, np.zeros(self.n_experts, dtype=np.int64))
+        self._zero_run[layer] = np.where(c == 0, run + 1, 0)
 
     @property
     def layers(self) -> list[int]:
         return sorted(self._latest)
+
+    @property
+    def window_steps(self) -> int:
+        """Updates the window holds now: `window`, or fewer early in a run (0 before any)."""
+        return max((len(d) for d in self._counts.values()), default=0)
 
     def window_counts(self, layer: int) -> np.ndarray:
         """[E] tokens per expert summed over the last `window` updates of `layer`."""
         if layer not in self._counts:
             raise ValueError(f"layer {layer} has no updates; known layers: {self.layers}")
         return np.sum(np.stack(list(self._counts[layer])), axis=0)
+
+    def steps_without_tokens(self, layer: int) -> np.ndarray:
+        """[E] for each expert of `layer`, the consecutive latest updates it received no token."""
+        if layer not in self._zero_run:
+            raise ValueError(f"layer {layer} has no updates; known layers: {self.layers}")
+        return self._zero_run[layer].copy()
 
     def metrics(self) -> dict[str, float | int | list[float]]:
         """The keys listed in the class docstring, for every layer updated so far."""
@@ -178,6 +208,7 @@ class MoEStatsTracker:
             vios.append(vio)
             vios_g.append(vio_g)
             out[p + "load"] = [_num(v) for v in c]
+            out[p + "load_window"] = [_num(v) for v in cw]
             out[p + "max_vio"] = vio
             out[p + "max_vio_global"] = vio_g
             out[p + "load_min"] = _num(c.min())
@@ -198,7 +229,40 @@ class MoEStatsTracker:
             out["moe/max_vio"] = float(np.mean(vios))
             out["moe/max_vio_global"] = float(np.mean(vios_g))
             out["moe/max_vio_worst"] = float(np.max(vios))
+            out["moe/window_steps"] = self.window_steps
         return out
+
+    # ---- checkpointed state (plain JSON: lists, numbers; floats round-trip exactly) ---------
+    def state_dict(self) -> dict[str, Any]:
+        layers = {}
+        for layer in self.layers:
+            latest = self._latest[layer]
+            layers[str(layer)] = {
+                "window": [[_num(v) for v in c] for c in self._counts[layer]],
+                "latest": {
+                    k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in latest.items()
+                },
+                "steps_without_tokens": self._zero_run[layer].tolist(),
+            }
+        return {"n_experts": self.n_experts, "layers": layers}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores `state_dict()` output. A different `window` keeps the newest counts."""
+        if state.get("n_experts") != self.n_experts:
+            raise ValueError(
+                f"metrics window: saved for {state.get('n_experts')} experts per layer, this "
+                f"run has moe.n_routed_experts={self.n_experts}"
+            )
+        self._counts, self._latest, self._zero_run = {}, {}, {}
+        for key, s in state["layers"].items():
+            layer = int(key)
+            window = [_as_vector(c, "window counts", self.n_experts) for c in s["window"]]
+            self._counts[layer] = deque(window, maxlen=self.window)
+            self._latest[layer] = {
+                k: _as_vector(v, k, self.n_experts) if isinstance(v, list) else float(v)
+                for k, v in s["latest"].items()
+            }
+            self._zero_run[layer] = np.asarray(s["steps_without_tokens"], dtype=np.int64)
 
 
 def _num(v: float) -> float | int:

@@ -33,8 +33,10 @@ from deepsuite.distributed.expert_parallel import (
 from deepsuite.errors import run_main
 from deepsuite.models import count_parameters
 from deepsuite.runlog import JSONL_NAME, keep_steps_up_to
+from deepsuite.training import preemption
 from deepsuite.training.engine import RunParts, build_run
 from deepsuite.training.metrics import MetricsLogger
+from deepsuite.training.moe_alerts import BalanceAlerts
 from deepsuite.training.moe_stats import (
     MoEStatsTracker,
     comm_stats,
@@ -42,7 +44,6 @@ from deepsuite.training.moe_stats import (
     max_vio,
     mfu,
 )
-from deepsuite.training.preemption import StopRequested
 from deepsuite.training.step_stats import StepStats
 
 
@@ -73,8 +74,12 @@ class Trainer:
         self.layers = [
             (_layer_index(n, self.cfg.model.n_layers), m) for n, m in moe_layers(parts.model)
         ]
-        self.tracker = MoEStatsTracker(
-            self.cfg.moe.n_routed_experts, window=max(10, self.cfg.logging.moe_every)
+        log = self.cfg.logging
+        self.tracker = MoEStatsTracker(self.cfg.moe.n_routed_experts, window=log.moe_window_steps)
+        self.alerts = BalanceAlerts(
+            dead_steps=log.alert_dead_steps,
+            max_vio=log.alert_max_vio,
+            after_steps=log.alert_after_steps,
         )
         self.history: list[float] = []
         self.last_val: dict[str, float] = {}
@@ -98,6 +103,9 @@ class Trainer:
         self.step, self.tokens_seen = state.step, state.tokens_seen
         self.train_loader.load_state_dict(state.train_loader)
         self.history = state.loss_history
+        if state.metrics_window:  # absent in checkpoints written before it was saved
+            self.tracker.load_state_dict(state.metrics_window["moe"])
+            self.alerts.load_state_dict(state.metrics_window["alerts"])
 
     def save(self) -> Path:
         state = TrainerState(
@@ -107,6 +115,10 @@ class Trainer:
             train_loader=self.train_loader.state_dict(),
             config=self.cfg.to_dict(),
             loss_history=self.history,
+            metrics_window={
+                "moe": self.tracker.state_dict(),
+                "alerts": self.alerts.state_dict(),
+            },
         )
         return save_run(
             self.engine,
@@ -186,6 +198,8 @@ class Trainer:
                     ranks.per_rank("rows_received").numpy(),
                     a2a_bytes=ranks.sum("a2a_bytes"),
                     a2a_time_s=ranks.max("a2a_time_s"),
+                    a2a_bytes_R=ranks.per_rank("a2a_bytes").numpy(),
+                    a2a_time_R=ranks.per_rank("a2a_time_s").numpy(),
                 )
             )
         return metrics
@@ -242,43 +256,66 @@ class Trainer:
             tags=list(log.tags) or None,
             console=log.console,
             total_steps=self.cfg.train.steps,
+            expert_series_max=log.expert_series_max,
         )
 
     def fit(self) -> dict[str, Any]:
-        cfg, stop = self.cfg.train, StopRequested()
+        cfg, stop = self.cfg.train, preemption.listen()
+        stop.listen_for_term()
         self.resume()
         self.logger = self.open_logger()
         first_step = self.step
         t_start, tokens_start = time.perf_counter(), self.tokens_seen
-        preempted = False
         last = min(cfg.steps, cfg.stop_at_step) if cfg.stop_at_step else cfg.steps
-        while self.step < last:
+        preempted = stop.agreed()  # a notice during start-up: stop before the first step
+        while self.step < last and not preempted:
             with guard_collectives("train step", self.step):
                 metrics = self.train_step()
-            if self.step % self.cfg.logging.moe_every == 0 or self.step == cfg.steps:
-                metrics.update(self.tracker.metrics())
-            if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
-                with guard_collectives("evaluate", self.step):
-                    metrics.update(self.evaluate())
-            if self.step % self.cfg.logging.log_every == 0 or "loss/val" in metrics:
-                self.logger.log(metrics, step=self.step)
-            if "loss/val" in metrics and self.cfg.logging.wandb != "disabled":
-                self.logger.log_images(self.step)  # heatmaps and bias trajectories so far
+            self.log_step(metrics, last=self.step == last)
             if stop.agreed():
-                self.save()
-                preempted = True
-                stop.requeue(self.rank)  # after the save: requeueing kills this job
+                preempted = self.step < last  # a notice at the last step changes nothing
                 break
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < last:
                 self.save()
-        if not preempted:
+        # no step since the start or the resume: that state is already the latest checkpoint
+        saved = not preempted or self.step > first_step
+        if saved:
             self.save()
+        outcome = stop.conclude(
+            step=self.step,
+            last_step=last,
+            saved=saved,
+            rank=self.rank,
+            local_rank=self.env.local_rank,
+        )
         if cfg.export_final and self.step == cfg.steps:
             export_safetensors(self.model, self.run_dir / "final" / "model.safetensors", self.rank)
         elapsed = time.perf_counter() - t_start
         result = self.fit_result(first_step, elapsed, self.tokens_seen - tokens_start, preempted)
+        result["outcome"], result["exit_code"] = outcome.line, outcome.exit_code
         self.logger.close()
+        if self.rank == 0:
+            print(outcome.line, flush=True)
         return result
+
+    def log_step(self, metrics: dict[str, Any], *, last: bool) -> None:
+        """Alerts, the MoE window metrics every ``moe_every`` steps, evaluation, the log line,
+        and the heatmaps for wandb every ``images_every`` steps and at the end."""
+        cfg, log, step = self.cfg.train, self.cfg.logging, self.step
+        for alert in self.alerts.check(self.tracker, step):
+            self.logger.alert(alert.title, alert.text)
+        moe_step = step % log.moe_every == 0 or step == cfg.steps
+        if moe_step:
+            metrics.update(self.tracker.metrics())
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+            with guard_collectives("evaluate", step):
+                metrics.update(self.evaluate())
+        if step % log.log_every == 0 or moe_step or "loss/val" in metrics:
+            self.logger.log(metrics, step=step)
+        if log.wandb != "disabled" and (
+            last or (log.images_every and step % log.images_every == 0)
+        ):
+            self.logger.log_images(step)  # drawn from the jsonl on rank 0
 
     def fit_result(
         self, first_step: int, elapsed: float, tokens: int, preempted: bool
@@ -289,6 +326,8 @@ class Trainer:
             for k, v in self.tracker.metrics().items()
             if k.startswith("moe/") and "max_vio" in k and "layer" not in k
         }
+        if vio:
+            vio["moe/window_steps"] = self.tracker.window_steps
         result = {
             "steps": self.step,
             "steps_this_run": self.step - first_step,
@@ -323,7 +362,7 @@ def format_fit_result(s: dict[str, Any]) -> str:
         )
     if "moe/max_vio" in s["moe"]:
         lines.append(
-            f"train MaxVio    {s['moe']['moe/max_vio']:.3f} (last batch), {s['moe']['moe/max_vio_global']:.3f} (window)"
+            f"train MaxVio    {s['moe']['moe/max_vio']:.3f} (last batch), {s['moe']['moe/max_vio_global']:.3f} (window of the last {s['moe']['moe/window_steps']} steps)"
         )
     if s["tokens_per_s"]:
         lines.append(
@@ -331,8 +370,6 @@ def format_fit_result(s: dict[str, Any]) -> str:
         )
     lines.append(f"checkpoint      {s['checkpoint']}")
     lines.append(f"metrics         {s['metrics']}")
-    if s["preempted"]:
-        lines.append("stopped early on a preemption signal; rerun the same command to resume")
     return "\n".join(lines)
 
 
@@ -357,12 +394,15 @@ def train(cfg: Config | Callable[[], Config]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """0 when the run finished (or was requeued), preemption.NOT_FINISHED when it stopped early."""
+    preemption.listen()  # a notice during start-up is kept (train/train.py calls it even earlier)
     config, overrides = parse_args(argv)
-    train(lambda: load_config(config, overrides))  # loaded in the run: its errors are agreed on
+    # loaded inside the run: its errors are agreed on by every rank like any other
+    summary = train(lambda: load_config(config, overrides))
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    return 0
+    return int(summary["exit_code"])
 
 
 if __name__ == "__main__":

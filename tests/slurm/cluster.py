@@ -202,13 +202,19 @@ MpiDefault=none
 SwitchType=switch/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
+# one line per job end (requeues included): what sacct would show, without slurmdbd
+JobCompType=jobcomp/filetxt
+JobCompLoc={d}/log/jobcomp.txt
 ReturnToService=2
 SlurmdParameters=config_overrides
 JobRequeue=1
+# job ids that do not repeat from one cluster to the next (logs are named by them)
+FirstJobId={int(time.time()) % 50_000_000 + 1}
 KillWait=5
 MinJobAge=600
 SchedulerType=sched/builtin
+# look at pending jobs every 2 s (default 60): a requeued job restarts once cred_expire has passed
+SchedulerParameters=sched_interval=2
 {nodes}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
@@ -278,11 +284,19 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="state dir (default: a new temp dir)")
     args = parser.parse_args()
     workdir = args.workdir or tempfile.mkdtemp(prefix="slurm-")
+
+    def leave(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    # Ctrl-C or `kill PID` stops the daemons (SIGINT is ignored in a shell's background job)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, leave)
     with SlurmCluster(workdir) as c:
         print(
-            f"export SLURM_CONF={c.conf}   # nodes n1 n2 idle; Ctrl-C stops the daemons", flush=True
+            f"export SLURM_CONF={c.conf}   # nodes n1 n2 idle; Ctrl-C or kill stops the daemons",
+            flush=True,
         )
-        with contextlib.suppress(KeyboardInterrupt):
+        with contextlib.suppress(SystemExit):
             signal.pause()
 
 

@@ -1,4 +1,5 @@
-"""The ``slurm_cluster`` fixture: one real two-node SLURM for the whole session.
+"""The ``slurm_cluster`` fixture: one real two-node SLURM for the whole session, and
+``reference``: an uninterrupted job the preempted ones must end equal to.
 
 Skipped, with the reason in the summary and a warning, only when the binaries are missing (or we
 are not root) and CI is not set; under CI=... the same is a failure.
@@ -9,11 +10,14 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from tests.distributed.launch import CACHE
 from tests.slurm.cluster import SlurmCluster, missing_binaries
+from tests.slurm.jobs import ended, submit
 
 
 def _unavailable(reason: str) -> None:
@@ -36,3 +40,19 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     workdir = CACHE / "tmp" / f"slurm-{os.getpid()}"  # short: munge's socket path limit
     with SlurmCluster(workdir) as cluster:
         yield cluster
+
+
+@dataclass(frozen=True)
+class Reference:
+    """An uninterrupted CHECKPOINTED_RUN job through slurm/train_torchrun.sbatch."""
+
+    run_dir: Path
+    job: int
+
+
+@pytest.fixture(scope="session")
+def reference(slurm_cluster: SlurmCluster) -> Reference:
+    run_dir = CACHE / "tmp" / f"slurm-ref-{os.getpid()}"
+    job = submit(slurm_cluster, "train_torchrun.sbatch", run_dir)
+    ended(slurm_cluster, job, "COMPLETED", timeout_s=240)
+    return Reference(run_dir, job)

@@ -7,7 +7,6 @@ run must end with the same model (safetensors export) and the same per-step loss
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -128,24 +127,3 @@ def test_corrupt_checkpoint_content_is_detected(reference: Path, tmp_path: Path)
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         assert find_resumable(ckpt) == tag_for_step(STEPS - 4)
-
-
-def test_requeue_only_on_rank0_after_usr1_inside_a_slurm_job(tmp_path: Path) -> None:
-    from deepsuite.training.preemption import StopRequested
-
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        stop = StopRequested()
-        os.kill(os.getpid(), signal.SIGUSR1)  # the handler records it instead of dying
-        assert stop.signal == signal.SIGUSR1
-        slurm = {"SLURM_JOB_ID": "4242", "SLURM_CONF": "/nonexistent/slurm.conf"}
-        assert not stop.requeue(1, slurm)  # only rank 0 requeues
-        assert not stop.requeue(0, {})  # not a SLURM job
-        assert not stop.requeue(0, {**slurm, "DEEPSUITE_REQUEUE": "0"})
-        # no scontrol to run: reported and False, never an exception (the checkpoint is safe)
-        assert not stop.requeue(0, {**slurm, "PATH": str(tmp_path)})
-        stop.signal = signal.SIGTERM
-        assert not stop.requeue(0, slurm)  # the job is ending anyway: never bring it back
-    finally:
-        for s, h in saved.items():
-            signal.signal(s, h)

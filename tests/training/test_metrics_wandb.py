@@ -26,14 +26,14 @@ def _wandb_env(tmp_path, monkeypatch):
     (tmp_path / "wandb_dir").mkdir()
 
 
-def _run(tmp_path, steps=6, n_experts=8):
+def _run(tmp_path, steps=6, n_experts=8, expert_series_max=4096):
     rng = np.random.default_rng(0)
     tr = MoEStatsTracker(n_experts, window=4)
     bias = {3: np.zeros(n_experts, np.float32), 4: np.zeros(n_experts, np.float32)}
     config = {"model": {"n_experts": n_experts}, "optim": {"lr": 3e-4}}
     lg = MetricsLogger(tmp_path / "run", rank=0, config=config, wandb_mode="offline",
                        project="proj", name="roundtrip", group="grp", tags=["a", "b"],
-                       console=False)  # fmt: skip
+                       console=False, expert_series_max=expert_series_max)  # fmt: skip
     for step in range(1, steps + 1):
         for layer, hot in ((3, 0.6), (4, 1 / n_experts)):
             p = np.full(n_experts, (1 - hot) / (n_experts - 1))
@@ -43,6 +43,7 @@ def _run(tmp_path, steps=6, n_experts=8):
             tr.update(layer, c, bias[layer])
         lg.log({"loss/train": 4.0 / step, "optim/lr": 3e-4, **tr.metrics()}, step=step)
     lg.log_images(steps)
+    lg.alert("MoE layer 3: imbalanced", f"step {steps}: MoE layer 3: MaxVio ...")
     lg.close()
     return read_metrics(tmp_path / "run")
 
@@ -59,10 +60,15 @@ def test_offline_run_equals_jsonl(tmp_path):
         assert row["loss/train"] == rec["loss/train"]
         for layer in (3, 4):
             p = f"moe/layer{layer}/"
-            load = row[p + "load"]
-            assert load["_type"] == "histogram"
-            assert load["values"] == rec[p + "load"]  # exact per-expert counts
-            assert load["bins"] == list(range(9))
+            for key in ("load", "load_window"):
+                load = row[p + key]
+                assert load["_type"] == "histogram"
+                assert load["values"] == rec[p + key]  # exact per-expert counts
+                assert load["bins"] == list(range(9))
+            window = np.asarray(rec[p + "load_window"], dtype=np.float64)
+            for e in range(8):  # one scalar series per expert: its share and its bias
+                assert row[f"{p}expert/{e:02d}/load_share"] == window[e] / window.mean()
+                assert row[f"{p}expert/{e:02d}/bias"] == rec[p + "bias"][e]
             for k in ("max_vio", "max_vio_global", "bias_mean", "bias_min", "bias_max",
                       "dead_experts", "load_min", "load_max"):  # fmt: skip
                 assert row[p + k] == rec[p + k], k
@@ -71,11 +77,24 @@ def test_offline_run_equals_jsonl(tmp_path):
             np.testing.assert_allclose(row[p + "bias"]["bins"], edges, rtol=0, atol=1e-12)
     last = run.history[-1]
     assert records[-1]["moe/layer3/max_vio"] > 1.0 > records[-1]["moe/layer4/max_vio"]
-    for name in ("load_layers", "load_steps_layer3", "max_vio", "bias_layer3"):
-        img = last[f"plots/{name}"]
+    images = sorted(k for k in last if k.startswith("plots/"))
+    assert images == ["plots/layer3/bias", "plots/layer3/load_steps", "plots/layer4/bias",
+                      "plots/layer4/load_steps", "plots/load_layers"]  # fmt: skip
+    for name in images:
+        img = last[name]
         assert img["_type"] == "image-file" and (img["width"], img["height"]) == (1000, 500)
     assert last["moe/load_table"]["nrows"] == 16  # 2 layers x 8 experts
     assert run.summary["moe/layer3/max_vio"] == records[-1]["moe/layer3/max_vio"]
+    assert run.alerts == [{"title": "MoE layer 3: imbalanced", "level": "WARN",
+                           "text": "step 6: MoE layer 3: MaxVio ..."}]  # fmt: skip
+
+
+def test_expert_series_stay_out_over_the_cap(tmp_path):
+    _run(tmp_path, steps=2, expert_series_max=31)  # 2 layers x 8 experts x 2 = 32 > 31
+    run = read_offline_run(tmp_path / "wandb_dir")
+    keys = {k for row in run.history for k in row}
+    assert "moe/layer3/load_window" in keys
+    assert not any("/expert/" in k for k in keys)
 
 
 def test_reader_rejects_foreign_and_corrupt_files(tmp_path):

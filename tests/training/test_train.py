@@ -8,6 +8,7 @@ by the counts summed over every rank and micro-batch.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 
@@ -20,6 +21,10 @@ from tests.training.runner import losses, metrics, run_train
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 STEPS, GAMMA, GLOBAL, SEQ, TOPK = 4, 0.01, 8, 32, 2
+# keys that measure the clock, not the run
+WALL_CLOCK = re.compile(
+    r"^(time|time/.*|perf/(tokens_per_s|step_time_s|mfu)|comm/(rank\d+/)?a2a_time)$"
+)
 COMMON = [
     f"train.steps={STEPS}",
     f"moe.bias_update_speed={GAMMA}",
@@ -145,6 +150,18 @@ def test_resume_is_bit_identical(runs, tmp_path):
     a, b = final_state(runs / "ep2"), final_state(run_dir)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    # every logged key, the windowed MoE metrics included (their window is in the checkpoint),
+    # equals the uninterrupted run's; only wall-clock figures may differ
+    ref_log = {r["step"]: r for r in metrics(runs / "ep2")}
+    got_log = {r["step"]: r for r in metrics(run_dir)}
+    assert sorted(got_log) == sorted(ref_log) == list(range(1, STEPS + 1))
+    assert got_log[3]["moe/window_steps"] == 3  # the resumed step's window reaches back
+    for step, ref in ref_log.items():
+        want = {k: v for k, v in ref.items() if not WALL_CLOCK.match(k)}
+        got = {k: v for k, v in got_log[step].items() if not WALL_CLOCK.match(k)}
+        assert got.keys() == want.keys(), (step, got.keys() ^ want.keys())
+        for key, value in want.items():
+            assert got[key] == value, (step, key, got[key], value)
 
 
 def test_checkpoint_is_committed_with_a_manifest(runs):

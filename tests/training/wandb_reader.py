@@ -84,7 +84,8 @@ def _put(target: dict[str, Any], item: Any) -> None:
 @dataclass
 class WandbRun:
     """What an offline run holds. history: one dict per logged step (with "_step"); histograms
-    read back as {"_type": "histogram", "values": counts, "bins": edges}."""
+    read back as {"_type": "histogram", "values": counts, "bins": edges}; alerts: one
+    {"title", "text", "level"} per `run.alert` call, in order."""
 
     run_id: str = ""
     project: str = ""
@@ -94,6 +95,7 @@ class WandbRun:
     config: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    alerts: list[dict[str, str]] = field(default_factory=list)
     finished: bool = False  # the run's exit record was found
 
     def series(self, key: str) -> dict[int, Any]:
@@ -140,6 +142,9 @@ def _read_once(file: Path) -> WandbRun:
         elif kind == "summary":
             for item in rec.summary.update:
                 _put(run.summary, item)
+        elif kind == "alert":
+            a = rec.alert
+            run.alerts.append({"title": a.title, "text": a.text, "level": a.level})
         elif kind == "exit":
             run.finished = True
     run.config.pop("_wandb", None)
