@@ -71,8 +71,10 @@ def torchrun_main(argv: list[str] | None = None) -> int:
     but a failure ends without torchrun's own traceback.
 
     When the first rank to fail exited with status 2 (bad input: every rank has printed the
-    line naming it) nothing more is printed and the status is 2; any other failure prints
-    torchrun's failure table (ranks, exit codes, error files) and exits 1, as torchrun does.
+    line naming it) or 75 (stopped early with a checkpoint and not requeued: rank 0 has said
+    so, ``training.preemption.NOT_FINISHED``) nothing more is printed and that status is the
+    command's; any other failure prints torchrun's failure table (ranks, exit codes, error
+    files) and exits 1, as torchrun does.
     torchrun's log lines (the OMP_NUM_THREADS notice, 'Sending process ... SIGTERM') are shown
     only with ``--debug`` / DEEPSUITE_DEBUG=1.
     """
@@ -80,6 +82,8 @@ def torchrun_main(argv: list[str] | None = None) -> int:
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
+
+    from deepsuite.training.preemption import NOT_FINISHED
 
     args = list(sys.argv[1:] if argv is None else argv)
     if not debug_requested(args):
@@ -89,8 +93,8 @@ def torchrun_main(argv: list[str] | None = None) -> int:
         run(parse_args(args))
     except ChildFailedError as err:
         _, first = err.get_first_failure()
-        if first.exitcode == EXIT_USER_ERROR:
-            return EXIT_USER_ERROR
+        if first.exitcode in (EXIT_USER_ERROR, NOT_FINISHED):
+            return first.exitcode
         print(err.format_msg(), file=sys.stderr, flush=True)
         return 1
     return 0

@@ -416,3 +416,19 @@ def test_bad_input_ends_in_one_clear_line(case: Case, files: Path, results) -> N
 def test_the_table_is_large_and_distinct():
     assert len(CASES) >= 50
     assert len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.slow
+def test_deepsuite_torchrun_keeps_the_early_stop_status(files: Path) -> None:
+    """Not bad input: a run stopped early on a notice exits 75 on every rank (not requeued
+    outside SLURM), and ``deepsuite torchrun`` ends with that status and rank 0's line, not
+    torchrun's failure report and exit 1 (scripts/train.sh launches through it)."""
+    notice = files / "notice"
+    notice.touch()  # as slurm/task.sh keeps a notice heard before the trainer listened
+    case = ranks2("stopped-early", needles=(), rc=75, early=False)
+    r = run_case(Case(**{**case.__dict__, "env": {"DEEPSUITE_NOTICE": str(notice)}}), files)
+    shown = f"exit {r.rc} after {r.seconds:.1f} s:\n{r.out[-3000:]}"
+    assert r.rc == 75, shown
+    assert "not requeued: rerun the same command to resume" in r.out, shown
+    assert "Traceback" not in r.out and "ChildFailedError" not in r.out, shown
+    assert not r.left, shown
