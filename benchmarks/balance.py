@@ -12,8 +12,10 @@ Methods: (a) none (no bias, no loss); (b) classic auxiliary loss (alpha ``--aux-
 It also prints when the training MaxVio settles: the first step after which the window MaxVio
 (``moe/max_vio_global``, the last 10 steps' summed counts, mean over MoE layers) stays under
 ``--settle`` (0.5), and the balancing bias's spread (max - min over experts, mean over layers)
-there. The bias moves at most gamma per step, so a method can settle only once gamma x steps
-exceeds the spread the router needs: the gamma rule in numbers.
+there. Each expert's bias starts at 0 and moves at most gamma per step (overloaded experts down,
+idle ones up), so the spread grows by at most 2 x gamma per step and a method can settle only
+once gamma x steps reaches half the spread the router needs: the gamma rule in numbers
+(benchmarks/RESULTS.md, "The gamma rule").
 
     .venv/bin/python benchmarks/balance.py                    # 300 steps each, ~2 min per method
     .venv/bin/python benchmarks/balance.py --steps 600 --methods c,f,e    # the settle steps
