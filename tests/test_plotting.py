@@ -179,8 +179,8 @@ def test_plot_main_writes_pngs_of_the_expected_size(tmp_path, capsys):
     assert plot_main([str(tmp_path / "run"), "--out", str(tmp_path / "o"), "--layer", "4"]) == 0
     assert _png_size(tmp_path / "o" / "layer4_load_steps.png") == (1000, 500)
     assert not (tmp_path / "o" / "layer3_bias.png").exists()
-    assert plot_main([str(tmp_path / "run"), "--layer", "9"]) == 2
-    assert "layer: 9" in capsys.readouterr().out
+    assert cli_main(["plot", str(tmp_path / "run"), "--layer", "9"]) == 2  # the error boundary
+    assert "layer: 9 has no logged load" in capsys.readouterr().err
 
 
 def test_a_run_written_before_the_window_was_logged_still_plots(tmp_path):
