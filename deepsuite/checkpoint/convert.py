@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from deepsuite.checkpoint import layout
-from deepsuite.checkpoint.full_state import FullState, read_full_state
+from deepsuite.checkpoint.full_state import FullState, read_full_state, refuse_zero3, saved_layout
 from deepsuite.checkpoint.load import load_full_state
 from deepsuite.config import config_from_dict, validate_expert_parallel
 from deepsuite.distributed.engine import build_engine, safe_torch_load
@@ -103,12 +103,16 @@ def reshard_checkpoint(
     reason = layout.verify_checkpoint(src)
     if reason is not None:
         raise ValueError(f"src: {src} is not a complete checkpoint: {reason}")
+    refuse_zero3(src, saved_layout(src))
     world = ep if world is None else world
     trainer_state = layout.read_trainer_state(src)
     cfg = config_from_dict(trainer_state["config"])
     validate_expert_parallel(cfg.moe.n_routed_experts, world, ep)
     if zero_stage not in (None, 0, 1, 2):
-        raise ValueError(f"zero_stage: expected 0, 1 or 2, got {zero_stage!r}")
+        raise ValueError(
+            f"zero_stage: expected 0, 1 or 2 (resharding to ZeRO 3 is not supported yet), "
+            f"got {zero_stage!r}"
+        )
     if dst.resolve() == src.parent.resolve():
         raise ValueError("dst: must differ from the source's checkpoints directory")
     cfg.parallel.ep = ep

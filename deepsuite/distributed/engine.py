@@ -13,7 +13,6 @@ of :func:`deepspeed_safe_globals` that its files pickle.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from deepsuite.config import Config, OptimConfig
+from deepsuite.distributed.deepspeed_json import read_deepspeed_json
 from deepsuite.distributed.expert_parallel import moe_param_groups
 
 __all__ = [
@@ -50,7 +50,7 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
 
 def deepspeed_config(cfg: Config, grad_accum: int) -> dict[str, Any]:
     """The DeepSpeed JSON under configs/ with the batch, clipping and precision of ``cfg``."""
-    ds = json.loads(Path(cfg.parallel.deepspeed_config).read_text())
+    ds = read_deepspeed_json(cfg.parallel.deepspeed_config)
     ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
     ds["gradient_accumulation_steps"] = grad_accum
     ds["train_batch_size"] = cfg.train.global_batch_size

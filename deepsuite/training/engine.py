@@ -15,9 +15,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from deepsuite.checkpoint.run import check_resume_layout
 from deepsuite.config import Config
 from deepsuite.data import PackedLoader, Tokenizer, prepare_data, validate_data_config
 from deepsuite.distributed import DistEnv, check_same_config, detect_env, init_distributed
+from deepsuite.distributed.deepspeed_json import resolved_zero_stage, validate_deepspeed_json
 from deepsuite.distributed.engine import build_engine, deepspeed_config
 from deepsuite.distributed.expert_parallel import apply_expert_parallel
 from deepsuite.distributed.groups import setup_expert_parallel
@@ -51,9 +53,9 @@ def validate_before_launch(cfg: Config, env: DistEnv) -> None:
         micro_batch_size=cfg.train.micro_batch_size,
         global_batch_size=cfg.train.global_batch_size,
     )
-    ds_path = Path(cfg.parallel.deepspeed_config)
-    if not ds_path.is_file():
-        raise ValueError(f"parallel.deepspeed_config: file not found: {ds_path}")
+    validate_deepspeed_json(cfg)  # the JSON's ZeRO stage and options against the YAML
+    here = {"world": env.world_size, "ep": cfg.parallel.ep, "zero": resolved_zero_stage(cfg)}
+    check_resume_layout(cfg.train.resume, Path(cfg.train.run_dir) / "checkpoints", here)
 
 
 def build_run(cfg: Config) -> RunParts:
@@ -105,7 +107,9 @@ def build_run(cfg: Config) -> RunParts:
         model = DeepSeekLM(cfg)
     if cfg.parallel.ep > 1:
         groups = setup_expert_parallel(cfg.parallel.ep, cfg.moe.n_routed_experts)
-        apply_expert_parallel(model, groups, check_replicated=False)  # nothing to compare yet
+        apply_expert_parallel(  # nothing to compare yet: check_replicated=False
+            model, groups, zero_stage=resolved_zero_stage(cfg), check_replicated=False
+        )
     model.materialize("cpu", seed=cfg.train.seed)  # expert shards keep their DeepSpeed tags
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
 

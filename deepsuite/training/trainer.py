@@ -22,7 +22,7 @@ from deepsuite.atomic import atomic_write_text
 from deepsuite.checkpoint.export import export_safetensors
 from deepsuite.checkpoint.layout import tag_for_step
 from deepsuite.checkpoint.run import TrainerState, resume_run, save_run
-from deepsuite.config import Config, load_config
+from deepsuite.config import Config, ConfigError, load_config
 from deepsuite.data.loader import model_inputs
 from deepsuite.distributed.comm import guard_collectives
 from deepsuite.distributed.expert_parallel import (
@@ -394,8 +394,13 @@ def main(argv: list[str] | None = None) -> int:
     """0 when the run finished (or was requeued), preemption.NOT_FINISHED when it stopped early."""
     preemption.listen()  # a notice during start-up is kept (train/train.py calls it even earlier)
     config, overrides = parse_args(argv)
-    cfg = load_config(config, overrides)
-    summary = train(cfg)
+    try:  # config errors are raised on every rank alike (before any collective, or on resume
+        summary = train(load_config(config, overrides))  # at a layout it cannot load): one line
+    except ConfigError as err:
+        print(f"deepsuite train: {err}", file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return 2
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
