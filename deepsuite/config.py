@@ -296,7 +296,7 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         _positive("parallel", self, "ep", "collective_timeout_s")
-        _one_of("parallel.zero_stage", self.zero_stage, [-1, 0, 1, 2])
+        _one_of("parallel.zero_stage", self.zero_stage, [-1, 0, 1, 2, 3])
         _one_of("parallel.backend", self.backend, ["auto", "gloo", "nccl"])
         _one_of("parallel.limit_groups_to", self.limit_groups_to, ["experts", "ranks", "nodes"])
 

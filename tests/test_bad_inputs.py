@@ -141,8 +141,8 @@ CASES = [
     train("json-malformed", "parallel.deepspeed_config={d}/mal.json", needles=("mal.json, line 2",)),
     train("json-not-object", "parallel.deepspeed_config={d}/array.json", needles=("JSON object",)),
     # a ZeRO-3 JSON at ep 1 trained and exported every routed expert with shape (0,)
-    train("json-zero3-ep1", "parallel.deepspeed_config={d}/z3.json",
-          needles=("z3.json", "zero_optimization.stage", "got 3")),
+    train("json-zero3-vs-yaml-stage", "parallel.deepspeed_config={d}/z3.json",
+          "parallel.zero_stage=2", needles=("z3.json", "contradicts zero_optimization.stage=3")),
     train("json-stage-text", "parallel.deepspeed_config={d}/stage_str.json", needles=("stage",)),
     train("json-optimizer", "parallel.deepspeed_config={d}/opt.json", needles=("optimizer", "optim")),
     train("json-batch-disagrees", "parallel.deepspeed_config={d}/tbs.json",
@@ -218,7 +218,8 @@ CASES = [
            needles=("data.text_field", "'content'")),
     # a bad key: the ranks agree on it too (else the fastest exits and torchrun stops the rest)
     ranks2("unknown-key-2-ranks", "train.stepz=3", needles=("train.stepz",)),
-    ranks2("json-zero3-2-ranks", "parallel.deepspeed_config={d}/z3.json", needles=("z3.json",)),
+    ranks2("json-zero3-hpz-2-ranks", "parallel.deepspeed_config={d}/z3_hpz.json",
+           needles=("z3_hpz.json", "zero_hpz_partition_size")),
     ranks2("reduce-scatter-off-ep2", "parallel.deepspeed_config={d}/rs_false.json",
            needles=("zero_optimization.reduce_scatter",)),
     ranks2("ep-not-dividing-world", "parallel.ep=4", needles=("parallel.ep", "world size 2")),
@@ -253,6 +254,7 @@ def _make_files(d: Path) -> None:
         "mal.json": '{"zero_optimization": {"stage": 1},\n "x": }\n',
         "array.json": "[1, 2]",
         "z3.json": {"zero_optimization": {"stage": 3}},
+        "z3_hpz.json": {"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2}},
         "stage_str.json": {"zero_optimization": {"stage": "two"}},
         "opt.json": {"optimizer": {"type": "Adam", "params": {"lr": 1e-3}}},
         "tbs.json": {"train_batch_size": 999},

@@ -49,7 +49,7 @@ def test_shipped_configs_load(path):
         (["data.seq_len=4096"], "data.seq_len: expected at most model.max_seq_len"),
         (["parallel.ep=3"], "parallel.ep: expected a divisor of moe.n_routed_experts"),
         (["train.global_batch_size=12", "train.micro_batch_size=8"], "train.global_batch_size"),
-        (["parallel.zero_stage=3"], "parallel.zero_stage"),
+        (["parallel.zero_stage=4"], "parallel.zero_stage"),
         (["logging.wandb=maybe"], "logging.wandb"),
         (["train.steps"], "key.sub=value"),
     ],

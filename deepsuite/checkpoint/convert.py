@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from deepsuite.checkpoint import layout
-from deepsuite.checkpoint.full_state import FullState, read_full_state
+from deepsuite.checkpoint.full_state import FullState, read_full_state, refuse_zero3, saved_layout
 from deepsuite.checkpoint.load import load_full_state
 from deepsuite.config import config_from_dict, validate_expert_parallel
 from deepsuite.distributed.engine import build_engine, safe_torch_load
@@ -117,9 +117,13 @@ def reshard_checkpoint(
     cfg = config_from_dict(trainer_state["config"])
     validate_expert_parallel(cfg.moe.n_routed_experts, world, ep)
     if zero_stage not in (None, 0, 1, 2):
-        raise CheckpointError(f"zero_stage: expected 0, 1 or 2, got {zero_stage!r}")
+        raise CheckpointError(
+            f"zero_stage: expected 0, 1 or 2 (resharding to ZeRO 3 is not supported yet), "
+            f"got {zero_stage!r}"
+        )
     if dst.resolve() == src.parent.resolve():
         raise CheckpointError("dst: must differ from the source's checkpoints directory")
+    refuse_zero3(src, saved_layout(src))  # after the arguments: it reads the checkpoint's files
     cfg.parallel.ep = ep
     cfg.parallel.limit_groups_to = "experts"  # placement is the trainer's check, routing is kept
     tr = cfg.train

@@ -14,7 +14,9 @@ reader is written by hand from the ``param_slice_mappings`` DeepSpeed records (0
 
 Adam moments are carried for ZeRO 0, 1 and 2 (fp32 master weights, exp_avg, exp_avg_sq, step),
 with the LR schedule position and the engine's step counters; the balancing bias is a persistent
-buffer of the module. ZeRO 3 is not supported by the MoE engine at all.
+buffer of the module. A ZeRO-3 checkpoint resumes natively at its own layout (the engine's own
+load); reading or writing a ZeRO-3 layout here is refused with a message (:func:`refuse_zero3`,
+not yet supported).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from deepsuite.config import Config, config_from_dict
+from deepsuite.config import Config, ConfigError, config_from_dict
 from deepsuite.distributed.engine import safe_torch_load
 from deepsuite.distributed.expert_parallel import moe_param_groups
 from deepsuite.distributed.expert_shard import (
@@ -40,7 +42,7 @@ from deepsuite.errors import CheckpointError
 from deepsuite.layers.moe import DeepSeekMoE
 from deepsuite.models import DeepSeekLM
 
-__all__ = ["MOMENTS", "FullState", "read_full_state", "saved_layout"]
+__all__ = ["MOMENTS", "FullState", "read_full_state", "refuse_zero3", "saved_layout"]
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -75,13 +77,32 @@ def saved_layout(tag_dir: Path) -> dict[str, int]:
             f"checkpoint: {state_file} not found (not a deepsuite checkpoint tag)"
         )
     state = json.loads(state_file.read_text())
-    dense = safe_torch_load(tag_dir / "mp_rank_00_model_states.pt")
+    # ZeRO 0-2: one dense file; ZeRO 3: one per rank (module placeholders, the same ds_config)
+    dense_file = tag_dir / "mp_rank_00_model_states.pt"
+    if not dense_file.is_file():
+        dense_file = tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    dense = safe_torch_load(dense_file)
     zero = int(dense.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
     return {
         "world": int(state["world_size"]),
         "ep": int(state["config"]["parallel"]["ep"]),
         "zero": zero,
     }
+
+
+def refuse_zero3(
+    tag_dir: Path, saved: dict[str, int], here: dict[str, int] | None = None, key: str = "src"
+) -> None:
+    """A ZeRO-3 checkpoint (or target) keeps its weights only in per-rank partitions, which this
+    package does not read or write yet: say so, naming the layouts, before anything is loaded.
+    ``key`` is the argument or config field the layout came from."""
+    if saved["zero"] == 3 or (here is not None and here["zero"] == 3):
+        target = f"; this run is {here}" if here is not None else ""
+        raise ConfigError(
+            f"{key}: checkpoint {tag_dir} was saved at {saved}{target}: changing the layout "
+            "to or from ZeRO 3 (parallel.zero_stage / zero_optimization.stage) is not supported "
+            "yet; resume with the saved world size, parallel.ep and ZeRO stage"
+        )
 
 
 def _cat_fragments(pieces: list[tuple[int, Tensor]]) -> Tensor:
@@ -190,6 +211,7 @@ def read_full_state(tag_dir: str | Path) -> FullState:
     """
     tag_dir = Path(tag_dir)
     layout = saved_layout(tag_dir)
+    refuse_zero3(tag_dir, layout)
     world, ep = layout["world"], layout["ep"]
     cfg = config_from_dict(json.loads((tag_dir / "trainer_state.json").read_text())["config"])
     dense = safe_torch_load(tag_dir / "mp_rank_00_model_states.pt")

@@ -4,7 +4,8 @@
 EP x world x ZeRO layout is the live one, else :func:`~deepsuite.checkpoint.full_state.read_full_state`
 on every rank (no collective) and :func:`load_full_state`, which writes each rank's slice of the
 weights, fp32 master weights and Adam moments (ZeRO 0, 1 and 2), the LR schedule position and the
-engine's counters.
+engine's counters. A ZeRO-3 checkpoint loads only at its own layout (refused otherwise, naming
+both layouts).
 
 Private DeepSpeed API relied on (0.19, pinned < 0.20): a parameter's ``_hp_mapping`` (its
 fragment in the ZeRO 1/2 flat partition), ``engine.optimizer.optimizer`` (the wrapped torch
@@ -21,7 +22,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from deepsuite.checkpoint.full_state import MOMENTS, FullState, read_full_state, saved_layout
+from deepsuite.checkpoint.full_state import (
+    MOMENTS,
+    FullState,
+    read_full_state,
+    refuse_zero3,
+    saved_layout,
+)
 from deepsuite.distributed.expert_shard import expert_slices, full_name, model_ep_size
 from deepsuite.errors import CheckpointError
 
@@ -132,8 +139,9 @@ def load_any_layout(engine: Any, model: torch.nn.Module, ckpt_dir: str | Path, t
         "zero": int(engine.zero_optimization_stage()),
     }
     if saved == here:
-        engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        engine.load_checkpoint(str(ckpt_dir), tag=tag)  # strict
         return False
+    refuse_zero3(tag_dir, saved, here, key="train.resume")
     if (dist.get_rank() if dist.is_initialized() else 0) == 0:
         print(f"resharding {tag_dir}: saved at {saved}, loading at {here}", flush=True)
     load_full_state(engine, model, read_full_state(tag_dir))

@@ -59,6 +59,7 @@ def apply_expert_parallel(
     model: nn.Module,
     groups: ExpertParallelGroups,
     *,
+    zero_stage: int = 0,
     check_replicated: bool = True,
     sync_timing: bool = False,
 ) -> list[str]:
@@ -67,11 +68,15 @@ def apply_expert_parallel(
     Every rank must have built the model identically (same seed); with ``check_replicated`` a
     fingerprint of the full expert weights is compared over the world first (one all-gather) and
     a mismatch raises on every rank. The shards follow the convention of
-    :mod:`deepsuite.distributed.expert_shard` (placement, names, DeepSpeed tags).
+    :mod:`deepsuite.distributed.expert_shard` (placement, names, DeepSpeed tags). ``zero_stage``
+    is the stage the engine will run: under 3 the shards are the plain form whose parameters
+    ZeRO 3 partitions over the expert-data-parallel group, under 0-2 DeepSpeed MoE modules.
 
     Returns:
         The names of the converted layers.
     """
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage: expected 0, 1, 2 or 3, got {zero_stage!r}")
     layers = moe_layers(model)
     if not layers:
         raise ValueError("model: expected at least one DeepSeekMoE layer to shard")
@@ -91,7 +96,12 @@ def apply_expert_parallel(
                 f"with the same seed on every rank ({err})"
             ) from err
     for _name, moe in layers:
-        moe.experts = shard_experts(moe.experts, groups.ep_size, groups.ep_rank)
+        moe.experts = shard_experts(
+            moe.experts,
+            groups.ep_size,
+            groups.ep_rank,
+            edp_group=groups.edp_group if zero_stage == 3 else None,
+        )
         moe.dispatcher = AllToAllDispatcher(
             moe.n_routed_experts, groups.ep_group, sync_timing=sync_timing
         )
@@ -175,31 +185,44 @@ def verify_bias_identical(model: nn.Module, group: dist.ProcessGroup | None = No
         start = stop
 
 
+def _whole(t: Tensor, device: torch.device | str = "cpu") -> Tensor:
+    """A copy of ``t`` at full size on ``device``: a ZeRO-3 parameter is gathered from its
+    partitions (a collective over its partition group); anything else is copied as held."""
+    from deepspeed.runtime.zero import GatheredParameters  # a no-op for non-ZeRO-3 tensors
+
+    with GatheredParameters([t]):
+        return t.detach().to(device, copy=True)
+
+
 @torch.no_grad()
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The unsharded model's state dict on every rank, on the CPU: expert shards all-gathered over
     each layer's EP group into the stacked ``<layer>.experts.<weight>`` [E, ...] of one process.
 
-    ZeRO stages 0-2 keep full parameters on every rank, so only the expert shards need a collective.
+    ZeRO stages 0-2 keep full parameters on every rank, so only the expert shards need a
+    collective; under ZeRO 3 every parameter is first all-gathered from its partitions
+    (DeepSpeed's ``GatheredParameters``, one parameter at a time, so at most one full tensor
+    beyond the rank's partition is alive): dense ones over the world, each rank's experts over
+    their expert-data-parallel group. Collective: call on every rank.
     """
     layers = moe_layers(model)
     sharded = tuple(f"{name}.experts." for name, _ in layers)
     state = {
-        k: v.detach().cpu().clone()
-        for k, v in model.state_dict().items()
+        k: _whole(v)
+        for k, v in model.state_dict(keep_vars=True).items()
         if not k.startswith(sharded)
     }
     for name, moe in layers:
         experts = moe.experts
         for w in EXPERT_WEIGHTS:
             if isinstance(experts, ExpertShard):
-                local = getattr(experts.local, w).detach().contiguous()
+                param = getattr(experts.local, w)
+                local = _whole(param, param.device)  # the EP all-gather runs on the device
                 group = moe.dispatcher.group
                 size = dist.get_world_size(group)
-                gathered = local.new_empty((size * local.shape[0], *local.shape[1:]))
-                dist.all_gather_into_tensor(gathered, local, group=group)
-                full = gathered
+                full = local.new_empty((size * local.shape[0], *local.shape[1:]))
+                dist.all_gather_into_tensor(full, local, group=group)
             else:
-                full = getattr(experts, w).detach()
-            state[f"{name}.experts.{w}"] = full.cpu().clone()
+                full = _whole(getattr(experts, w))
+            state[f"{name}.experts.{w}"] = full.cpu()
     return state

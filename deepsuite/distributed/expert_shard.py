@@ -10,21 +10,33 @@ Letters: E global routed experts of a layer, L = E / ep local experts on one EP 
 - Modules: on such a rank a layer's ``experts`` is an :class:`ExpertShard` wrapping that
   GroupedExperts as ``local``; parameter names gain ``.local`` (``<layer>.experts.local.up_proj``,
   [L, ...]), the unsharded model's are ``<layer>.experts.up_proj`` ([E, ...]); :func:`full_name`
-  maps the first to the second.
-- State dict (what DeepSpeed writes): one entry per local expert,
+  maps the first to the second. Under ZeRO 0-2 the shard is a :class:`DeepSpeedMoEShard`, which
+  subclasses DeepSpeed's ``MoE`` as the marker the engine looks for (expert-data-parallel
+  reduction, expert optimizer groups, per-expert checkpoint files); DeepSpeed 0.19 refuses that
+  class under ZeRO 3, where the shard is a plain :class:`ExpertShard`.
+- State dict: a DeepSpeedMoEShard writes one entry per local expert,
   ``<layer>.experts.deepspeed_moe.experts.deepspeed_experts.<i>.<weight>`` with i in [0, L);
   DeepSpeed names each expert's checkpoint file by its GLOBAL id (``layer_<n>_expert_<e>_...``).
+  A ZeRO-3 ExpertShard keeps its stacked ``local.<weight>`` keys (ZeRO 3 saves every parameter in
+  per-rank partitions, and the placeholders it keeps in the module round-trip a strict load).
 - Groups: DeepSpeed registers the EP x EDP process groups of size ep as ``ep_size_<ep>``
   (:func:`group_name`).
 - Tags: every shard parameter carries ``allreduce=False`` and ``group_name``, which is how the
   engine reduces its gradient over the expert-data-parallel group only and ZeRO gives it its own
-  optimizer group. ExpertShard sets them itself (:meth:`ExpertShard.tag_parameters`), at
-  construction and whenever its parameters are replaced (``to_empty`` off the meta device).
+  optimizer group. Under ZeRO 3 it also carries ``ds_zero_partition_process_group`` (its
+  expert-data-parallel group: ZeRO 3 partitions it there, the dense model over the world),
+  ``ds_zero_partition_group_name`` and ``ds_zero_placement_family="autoep_expert"`` (without the
+  family stage 3 averages expert gradients over the partition group, a wrong scale). The shard
+  sets them itself (:meth:`ExpertShard.tag_parameters`), at construction and whenever its
+  parameters are replaced (``to_empty`` off the meta device).
 
 DeepSpeed 0.19 (pinned < 0.20) private behaviour relied on: ``engine._save_moe_checkpoint`` finds
 expert entries by the ``deepspeed_moe.experts.deepspeed_experts.`` infix and the module by
 ``isinstance(m, deepspeed.moe.layer.MoE)``; ``groups._get_expert_parallel_group_dict`` holds the
-groups by name.
+groups by name. ZeRO 3 (runtime/zero/partition_parameters.py ``Init._convert_to_deepspeed_param``
+partitions a parameter over ``ds_zero_partition_process_group``; runtime/zero/stage3.py
+``_autoep_expert_parallel_group`` keys on the family ``autoep_expert`` and the group name to
+average the gradients over the world and sum the grad norm over the expert-parallel group).
 """
 
 from __future__ import annotations
@@ -36,12 +48,14 @@ from typing import Any
 import torch
 from deepspeed.moe.layer import MoE as _DeepSpeedMoE
 from torch import Tensor, nn
+from torch.distributed import ProcessGroup
 
 from deepsuite.config import validate_expert_parallel
 from deepsuite.layers.moe import ExpertRows, GroupedExperts
 
 __all__ = [
     "EXPERT_WEIGHTS",
+    "DeepSpeedMoEShard",
     "ExpertShard",
     "expert_range",
     "expert_slices",
@@ -98,34 +112,53 @@ def split_deepspeed_key(key: str) -> tuple[str, int] | None:
     return None if m is None else (f"{m.group(1)}.{m.group(3)}", int(m.group(2)))
 
 
-def _tag(params: Any, name: str) -> None:
-    """The one place expert parameters are tagged for DeepSpeed."""
+# ZeRO 3's placement family for expert parameters (DeepSpeed 0.19.8, runtime/zero/stage3.py)
+_ZERO3_EXPERT_FAMILY = "autoep_expert"
+
+
+def _tag(params: Any, name: str, partition_group: ProcessGroup | None) -> None:
+    """The one place expert parameters are tagged for DeepSpeed (ZeRO 3's placement too when
+    ``partition_group`` is given)."""
     for p in params:
         p.allreduce = False
         p.group_name = name
+        if partition_group is not None:
+            p.ds_zero_placement_family = _ZERO3_EXPERT_FAMILY
+            p.ds_zero_partition_group_name = name
+            p.ds_zero_partition_process_group = partition_group
 
 
-class ExpertShard(_DeepSpeedMoE):
-    """This rank's slice of a layer's routed experts, marked as a DeepSpeed MoE module.
+class ExpertShard(nn.Module):
+    """This rank's slice of a layer's routed experts; as is, the ZeRO-3 form.
 
     ``forward(x_ND, counts_L) -> y_ND`` is the wrapped GroupedExperts (``self.local``, L experts).
     Constructing it places ``local`` at global experts [ep_rank * L, (ep_rank + 1) * L) of
-    ``n_experts`` (recorded on ``local``) and tags its parameters. Its state dict holds one entry
-    per local expert (the module docstring), so DeepSpeed writes one checkpoint file per GLOBAL
-    expert from every EP rank; loading accepts the same keys and stacks them back. It subclasses
-    DeepSpeed's ``MoE`` only as the marker the engine looks for, and never runs its code.
+    ``n_experts`` (recorded on ``local``) and tags its parameters, with ZeRO 3's placement over
+    ``edp_group`` (the expert-data-parallel group holding the same experts). Its state-dict keys
+    are the stacked ``local.<weight>``. :class:`DeepSpeedMoEShard` is the ZeRO 0-2 form.
     """
 
-    def __init__(self, local: GroupedExperts, n_experts: int, ep_rank: int, group_name: str):
-        nn.Module.__init__(self)  # the marker: none of DeepSpeed's MoE construction
+    def __init__(
+        self,
+        local: GroupedExperts,
+        n_experts: int,
+        ep_rank: int,
+        group_name: str,
+        edp_group: ProcessGroup | None,
+    ):
+        nn.Module.__init__(self)  # not super(): DeepSpeedMoEShard's marker must not construct
+        if edp_group is None and not isinstance(self, DeepSpeedMoEShard):
+            raise ValueError(
+                "edp_group: a ZeRO-3 ExpertShard is partitioned over its expert-data-parallel "
+                "group and needs it (under ZeRO 0-2 use DeepSpeedMoEShard)"
+            )
         self.local = local
         self.num_experts = n_experts
         self.num_local_experts = local.n_experts
         self.ep_size = n_experts // local.n_experts
         self.ep_rank = ep_rank
         self.expert_group_name = group_name
-        self.use_residual = False
-        self.enable_expert_tensor_parallelism = False
+        self.edp_group = edp_group
         held = expert_range(n_experts, self.ep_size, ep_rank)
         if len(held) != local.n_experts:
             raise ValueError(
@@ -133,13 +166,12 @@ class ExpertShard(_DeepSpeedMoE):
                 f"experts, got {local.n_experts}"
             )
         local.first_expert, local.n_global_experts = held.start, n_experts
-        self.register_state_dict_post_hook(_split_experts_hook)
-        self.register_load_state_dict_pre_hook(_stack_experts_hook)
         self.tag_parameters()
 
     def tag_parameters(self) -> None:
-        """``allreduce=False``, ``group_name=<its EP group>`` on every parameter of the shard."""
-        _tag(self.local.parameters(), self.expert_group_name)
+        """``allreduce=False``, ``group_name=<its EP group>`` on every parameter of the shard,
+        and under ZeRO 3 its placement over the expert-data-parallel group."""
+        _tag(self.local.parameters(), self.expert_group_name, self.edp_group)
 
     def _apply(self, fn: Any, recurse: bool = True) -> ExpertShard:  # type: ignore[override]
         """``to_empty`` / device moves may make new Parameter objects: tag those too."""
@@ -149,16 +181,6 @@ class ExpertShard(_DeepSpeedMoE):
 
     def forward(self, x: Tensor | ExpertRows, counts_L: Tensor | Sequence[int]) -> Tensor:  # type: ignore[override]
         return self.local(x, counts_L)
-
-    def set_deepspeed_parallelism(self, *args: Any, **kwargs: Any) -> None:
-        """Called by the engine: the groups must already exist (``setup_expert_parallel``)."""
-        from deepspeed.utils import groups
-
-        if self.expert_group_name not in groups._get_expert_parallel_group_dict():
-            raise RuntimeError(
-                f"ExpertShard: process groups '{self.expert_group_name}' do not exist; call "
-                f"setup_expert_parallel(ep={self.ep_size}, ...) before deepspeed.initialize"
-            )
 
     # read-only views so code that inspects moe.experts keeps working
     @property
@@ -185,6 +207,33 @@ class ExpertShard(_DeepSpeedMoE):
         )
 
 
+class DeepSpeedMoEShard(ExpertShard, _DeepSpeedMoE):
+    """An ExpertShard marked as a DeepSpeed MoE module: the form for ZeRO 0-2.
+
+    Its state dict holds one entry per local expert (the module docstring), so DeepSpeed writes
+    one checkpoint file per GLOBAL expert from every EP rank; loading accepts the same keys and
+    stacks them back. It subclasses DeepSpeed's ``MoE`` only as the marker the engine looks for,
+    and never runs its code.
+    """
+
+    def __init__(self, local: GroupedExperts, n_experts: int, ep_rank: int, group_name: str):
+        ExpertShard.__init__(self, local, n_experts, ep_rank, group_name, None)
+        self.use_residual = False
+        self.enable_expert_tensor_parallelism = False
+        self.register_state_dict_post_hook(_split_experts_hook)
+        self.register_load_state_dict_pre_hook(_stack_experts_hook)
+
+    def set_deepspeed_parallelism(self, *args: Any, **kwargs: Any) -> None:
+        """Called by the engine: the groups must already exist (``setup_expert_parallel``)."""
+        from deepspeed.utils import groups
+
+        if self.expert_group_name not in groups._get_expert_parallel_group_dict():
+            raise RuntimeError(
+                f"ExpertShard: process groups '{self.expert_group_name}' do not exist; call "
+                f"setup_expert_parallel(ep={self.ep_size}, ...) before deepspeed.initialize"
+            )
+
+
 def _split_experts_hook(module: ExpertShard, state: dict, prefix: str, _meta: Any) -> None:
     for name in EXPERT_WEIGHTS:
         key = f"{prefix}local.{name}"
@@ -203,11 +252,16 @@ def _stack_experts_hook(module: ExpertShard, state: dict, prefix: str, *_: Any) 
             state[f"{prefix}local.{name}"] = torch.stack([state.pop(k) for k in keys])
 
 
-def shard_experts(experts: GroupedExperts, ep: int, ep_rank: int) -> ExpertShard:
-    """EP rank ``ep_rank``'s ExpertShard of a layer's full ``experts`` (copies its slice)."""
+def shard_experts(
+    experts: GroupedExperts, ep: int, ep_rank: int, *, edp_group: ProcessGroup | None = None
+) -> ExpertShard:
+    """EP rank ``ep_rank``'s ExpertShard of a layer's full ``experts`` (copies its slice): the
+    ZeRO-3 form partitioned over ``edp_group`` when given, else a DeepSpeedMoEShard."""
     held = expert_range(experts.n_experts, ep, ep_rank)
     local = experts.slice_experts(held.start, held.stop)
-    return ExpertShard(local, experts.n_experts, ep_rank, group_name(ep))
+    if edp_group is None:
+        return DeepSpeedMoEShard(local, experts.n_experts, ep_rank, group_name(ep))
+    return ExpertShard(local, experts.n_experts, ep_rank, group_name(ep), edp_group)
 
 
 def local_experts(module: nn.Module) -> GroupedExperts:

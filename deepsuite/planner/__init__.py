@@ -11,20 +11,23 @@ from deepsuite.planner.comm import (
     rows_from_routing,
     sample_routing,
 )
-from deepsuite.planner.layout import HARDWARE, Hardware, Layout, validate_layout
+from deepsuite.planner.layout import HARDWARE, Hardware, Layout, ZeroSettings, validate_layout
 from deepsuite.planner.memory import (
     ActivationEstimate,
     ModelStates,
     activation_bytes,
     kv_cache_bytes,
     model_state_bytes,
+    param_table,
     params_on_rank,
+    zero3_partition,
     zero_grad_buffer,
     zero_param_groups,
 )
 from deepsuite.planner.params import ParamBreakdown, param_breakdown
 from deepsuite.planner.plan import Plan, forward_flops_per_token, make_plan, suggestions
 from deepsuite.planner.report import SHIPPED, format_plan, plan_main
+from deepsuite.planner.search import NodeSearch, min_nodes
 
 __all__ = [
     "HARDWARE",
@@ -34,9 +37,11 @@ __all__ = [
     "Hardware",
     "Layout",
     "ModelStates",
+    "NodeSearch",
     "ParamBreakdown",
     "Plan",
     "ReduceTraffic",
+    "ZeroSettings",
     "activation_bytes",
     "balanced_a2a",
     "balanced_rows_per_token",
@@ -45,8 +50,10 @@ __all__ = [
     "forward_flops_per_token",
     "kv_cache_bytes",
     "make_plan",
+    "min_nodes",
     "model_state_bytes",
     "param_breakdown",
+    "param_table",
     "params_on_rank",
     "plan_main",
     "reduce_traffic",
@@ -54,6 +61,7 @@ __all__ = [
     "sample_routing",
     "suggestions",
     "validate_layout",
+    "zero3_partition",
     "zero_grad_buffer",
     "zero_param_groups",
 ]

@@ -84,7 +84,23 @@ def balanced_rows_per_token(
     cfg: Config, lay: Layout, node_limit: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Expected, per token, under ``sample_routing``: slots landing on each EP rank [P], rows
-    sent to each EP rank with per-rank dedup [P], and rows to each node with per-node dedup."""
+    sent to each EP rank with per-rank dedup [P], and rows to each node with per-node dedup.
+    Cached by what the routing depends on (a layout search asks for the same one often)."""
+    e = cfg.moe
+    M = lay.node_limit if node_limit is None else node_limit
+    key = (e.n_routed_experts, e.n_expert_per_token, e.n_group, e.topk_group, lay.ep,
+           lay.gpus_per_node, M)  # fmt: skip
+    if key not in _ROWS:
+        _ROWS[key] = _balanced_rows(cfg, lay, node_limit)
+    return _ROWS[key]
+
+
+_ROWS: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _balanced_rows(
+    cfg: Config, lay: Layout, node_limit: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     P = lay.ep
     L = cfg.moe.n_routed_experts // P
     ids_TK = sample_routing(cfg, lay, node_limit=node_limit)
@@ -184,13 +200,28 @@ class ReduceTraffic:
 
 
 def reduce_traffic(dense_params: int, local_expert_params: int, lay: Layout) -> ReduceTraffic:
-    """Ring collectives: all-reduce sends 2 (n-1)/n of the buffer; ZeRO 1/2 send (n-1)/n for the
-    reduce-scatter of gradients plus (n-1)/n for the all-gather of updated parameters. Dense
-    gradients reduce over all W ranks, expert gradients over the EDP group."""
+    """Ring collectives over n ranks send (n-1)/n of the buffer per reduce-scatter or
+    all-gather (an all-reduce is both). Dense tensors go over all W ranks, expert ones over the
+    EDP group. Per optimizer step, as DeepSpeed 0.19 schedules them:
+
+    - ZeRO 0: one all-reduce of the gradients;
+    - ZeRO 1: one reduce-scatter of the gradients and one all-gather of the updated partitions;
+    - ZeRO 2: a reduce-scatter per micro-batch (gradients are partitioned as they are made),
+      one all-gather per step;
+    - ZeRO 3: per micro-batch, an all-gather of every parameter for forward, again for backward
+      (and for the recompute with activation checkpointing), and a reduce-scatter.
+    """
     item = lay.param_bytes
+    accum = lay.grad_accum
+    if lay.zero_stage <= 1:
+        passes = 2.0
+    elif lay.zero_stage == 2:
+        passes = accum + 1.0
+    else:
+        passes = accum * (3.0 + (1.0 if lay.activation_checkpointing else 0.0))
 
     def ring(n: int, numel: int) -> float:
-        return 0.0 if n == 1 else 2.0 * (n - 1) / n * numel * item
+        return 0.0 if n == 1 else passes * (n - 1) / n * numel * item
 
     W, edp, gpn = lay.world, lay.edp, lay.gpus_per_node
     return ReduceTraffic(

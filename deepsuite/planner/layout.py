@@ -8,7 +8,9 @@ are strided (W = EP x EDP); dense parameters are data parallel over all W ranks.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
+from typing import Any
 
 from deepsuite.config import Config, validate_expert_parallel
 
@@ -63,6 +65,42 @@ HARDWARE: dict[str, Hardware] = {
 
 
 @dataclass(frozen=True)
+class ZeroSettings:
+    """The DeepSpeed JSON settings that size a rank's buffers (defaults: DeepSpeed 0.19.8's).
+
+    Elements, not bytes. ``reduce_bucket_size``: the gradient-reduction bucket (ZeRO 1/2 during
+    backward with contiguous gradients, twice with overlap_comm; ZeRO 3 always).
+    ``allreduce_bucket_size``: ZeRO 0's flatten for the all-reduce (the engine's default).
+    ZeRO 3: parameters of at most ``param_persistence_threshold`` elements stay whole on every
+    rank (until ``model_persistence_threshold`` in all); ``prefetch_bucket_size`` parameters are
+    fetched ahead; the optimizer steps ``sub_group_size`` elements of the partition at a time.
+    """
+
+    reduce_bucket_size: int = 500_000_000
+    contiguous_gradients: bool = True
+    overlap_comm: bool = False
+    allreduce_bucket_size: int = 500_000_000
+    prefetch_bucket_size: int = 50_000_000
+    param_persistence_threshold: int = 100_000
+    model_persistence_threshold: int = sys.maxsize
+    sub_group_size: int = 1_000_000_000
+
+    @classmethod
+    def from_json(cls, ds: dict[str, Any]) -> ZeroSettings:
+        """From a DeepSpeed config dict (its ``zero_optimization`` section; stage-3 keys are
+        read with or without their ``stage3_`` prefix)."""
+        zero = ds.get("zero_optimization", {}) or {}
+        kw: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            for key in (f.name, f"stage3_{f.name}"):
+                if key in zero:
+                    kw[f.name] = type(f.default)(zero[key])
+        if "overlap_comm" not in kw and zero.get("stage", 0) == 3:
+            kw["overlap_comm"] = True  # DeepSpeed's default for stage 3 only
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
 class Layout:
     """Parallel and batch settings of one plan (all sizes are counts, not bytes)."""
 
@@ -76,6 +114,7 @@ class Layout:
     precision: str  # "fp32" or "bf16"
     activation_checkpointing: bool = False
     node_limit: int = 0  # M: experts of at most M nodes per token (0 = off)
+    zero: ZeroSettings = field(default_factory=ZeroSettings)
 
     @property
     def world(self) -> int:
@@ -103,11 +142,8 @@ def validate_layout(cfg: Config, lay: Layout) -> None:
     """Raise ValueError/TypeError naming the setting and what to change."""
     for name in ("nodes", "gpus_per_node", "ep", "micro_batch", "seq_len", "global_batch"):
         _positive_int(name, getattr(lay, name))
-    if lay.zero_stage not in (0, 1, 2):
-        raise ValueError(
-            f"zero_stage: expected 0, 1 or 2 (ZeRO-3 is refused for expert-parallel MoE), "
-            f"got {lay.zero_stage}"
-        )
+    if lay.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage: expected 0, 1, 2 or 3, got {lay.zero_stage}")
     if lay.precision not in ("fp32", "bf16"):
         raise ValueError(f"precision: expected 'fp32' or 'bf16', got {lay.precision!r}")
     E = cfg.moe.n_routed_experts

@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 from deepsuite.config import Config, expert_parallel_sizes
-from deepsuite.distributed.ds_config import (
-    json_zero_stage,
+from deepsuite.distributed.deepspeed_json import (
     read_deepspeed_json,
     resolve_deepspeed_json,
+    resolved_zero_stage,
 )
 from deepsuite.planner.comm import A2ATraffic, ReduceTraffic, balanced_a2a, reduce_traffic
-from deepsuite.planner.layout import HARDWARE, Hardware, Layout, validate_layout
+from deepsuite.planner.layout import HARDWARE, Hardware, Layout, ZeroSettings, validate_layout
 from deepsuite.planner.memory import (
     ActivationEstimate,
     ModelStates,
@@ -29,11 +30,10 @@ from deepsuite.planner.memory import (
     kv_cache_bytes,
     model_state_bytes,
     params_on_rank,
-    zero_grad_buffer,
-    zero_param_groups,
 )
 from deepsuite.planner.params import ParamBreakdown, param_breakdown
 
+SHIPPED_JSON = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
 # fraction of HBM kept free for the allocator's fragmentation, comm buffers and the CUDA context
 RESERVE = 0.1
 
@@ -60,7 +60,7 @@ class Plan:
 
     @property
     def memory_total(self) -> int:
-        return self.states.total + self.activations.total
+        return peak_memory(self.states, self.activations)
 
     @property
     def memory_budget(self) -> float:
@@ -73,6 +73,12 @@ class Plan:
     @property
     def step_time(self) -> float:
         return self.time_compute + self.time_a2a + self.time_reduce
+
+
+def peak_memory(states: ModelStates, acts: ActivationEstimate) -> int:
+    """The higher of a rank's two peaks: inside the optimizer step, and in forward/backward
+    (activations, the reduction bucket, ZeRO 3's gathered parameters)."""
+    return max(states.peak_step, states.peak_backward(acts.total))
 
 
 def resolve_vocab(cfg: Config, vocab_size: int | None = None) -> int:
@@ -92,13 +98,24 @@ def resolve_vocab(cfg: Config, vocab_size: int | None = None) -> int:
 
 
 def zero_stage_of(cfg: Config) -> int:
-    """parallel.zero_stage, or the stage in parallel.deepspeed_config when it is -1."""
-    if cfg.parallel.zero_stage >= 0:
-        return cfg.parallel.zero_stage
+    """parallel.zero_stage, or the stage in parallel.deepspeed_config when it is -1 (1 when
+    the file is absent: the plan is often made away from the checkout that will train)."""
     path = resolve_deepspeed_json(cfg.parallel.deepspeed_config)
-    if not path.is_file():
+    if cfg.parallel.zero_stage < 0 and not path.is_file():
         return 1
-    return int(json_zero_stage(read_deepspeed_json(path)))
+    return resolved_zero_stage(cfg)
+
+
+def zero_settings_of(cfg: Config, stage: int) -> ZeroSettings:
+    """The buffer sizes of the DeepSpeed JSON that would run ``stage``: the config's own when
+    it is for that stage, else configs/deepspeed/zero<stage>.json, else DeepSpeed's defaults."""
+    own = resolve_deepspeed_json(cfg.parallel.deepspeed_config)
+    for path in (own, SHIPPED_JSON / f"zero{stage}.json"):
+        if path.is_file():
+            ds = read_deepspeed_json(path)
+            if int(ds.get("zero_optimization", {}).get("stage", 0)) == stage:
+                return ZeroSettings.from_json(ds)
+    return ZeroSettings.from_json({"zero_optimization": {"stage": stage}})
 
 
 def forward_flops_per_token(cfg: Config, pb: ParamBreakdown, seq_len: int) -> float:
@@ -117,42 +134,57 @@ def forward_flops_per_token(cfg: Config, pb: ParamBreakdown, seq_len: int) -> fl
     return 2.0 * matmul + layers * attn
 
 
-def make_plan(
+def plan_layout(
     cfg: Config,
     nodes: int,
     gpus_per_node: int,
-    *,
-    hardware: Hardware | str = "h100",
     activation_checkpointing: bool = False,
     node_limit: int = 0,
-    vocab_size: int | None = None,
-) -> Plan:
-    """Plan ``cfg`` (its parallel.ep, zero stage, micro/global batch, seq_len, precision) on
-    ``nodes`` x ``gpus_per_node`` GPUs. Raises ValueError naming the setting for impossible input."""
-    hw = HARDWARE[hardware] if isinstance(hardware, str) else hardware
-    if isinstance(hardware, str) and hardware not in HARDWARE:
-        raise ValueError(f"hardware: expected one of {sorted(HARDWARE)}, got {hardware!r}")
+) -> Layout:
+    """The validated layout of ``cfg`` (its parallel.ep, ZeRO stage and JSON, batch, precision)
+    on ``nodes`` x ``gpus_per_node`` GPUs."""
+    stage = zero_stage_of(cfg)
     lay = Layout(
         nodes=nodes,
         gpus_per_node=gpus_per_node,
         ep=cfg.parallel.ep,
-        zero_stage=zero_stage_of(cfg),
+        zero_stage=stage,
         micro_batch=cfg.train.micro_batch_size,
         seq_len=cfg.data.seq_len,
         global_batch=cfg.train.global_batch_size,
         precision=cfg.train.precision,
         activation_checkpointing=activation_checkpointing,
         node_limit=node_limit,
+        zero=zero_settings_of(cfg, stage),
     )
     validate_layout(cfg, lay)
+    return lay
+
+
+def make_plan(
+    cfg: Config,
+    nodes: int,
+    gpus_per_node: int,
+    *,
+    hardware: Hardware | str = "h100",
+    activation_checkpointing: bool | None = None,
+    node_limit: int = 0,
+    vocab_size: int | None = None,
+) -> Plan:
+    """Plan ``cfg`` (its parallel.ep, zero stage, micro/global batch, seq_len, precision and,
+    unless given, train.activation_checkpointing) on ``nodes`` x ``gpus_per_node`` GPUs.
+    Raises ValueError naming the setting for impossible input."""
+    if activation_checkpointing is None:
+        activation_checkpointing = cfg.train.activation_checkpointing == "full"
+    hw = HARDWARE[hardware] if isinstance(hardware, str) else hardware
+    if isinstance(hardware, str) and hardware not in HARDWARE:
+        raise ValueError(f"hardware: expected one of {sorted(HARDWARE)}, got {hardware!r}")
+    lay = plan_layout(cfg, nodes, gpus_per_node, activation_checkpointing, node_limit)
     V = resolve_vocab(cfg, vocab_size)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=V))
     pb = param_breakdown(cfg)
     held, _ = params_on_rank(pb, lay)
-    gbuf = None
-    if lay.zero_stage > 0:  # the worst rank's DeepSpeed gradient buffer
-        gbuf = max(zero_grad_buffer(zero_param_groups(cfg, lay.ep), lay))
-    states = model_state_bytes(pb, lay, gbuf)
+    states = model_state_bytes(cfg, lay)  # the worst rank
     acts = activation_bytes(cfg, lay, V)
     kv = kv_cache_bytes(cfg, lay.micro_batch * lay.seq_len)
     passes = 4.0 if activation_checkpointing else 3.0  # fwd + 2x fwd for bwd (+ recompute)
@@ -177,8 +209,11 @@ def suggestions(plan: Plan, limit: int = 3) -> list[str]:
     cfg, lay = plan.cfg, plan.layout
     E = cfg.moe.n_routed_experts
     tries: list[tuple[str, dict]] = []
-    for stage in range(lay.zero_stage + 1, 3):
-        tries.append((f"parallel.zero_stage={stage}", {"zero_stage": stage}))
+    for stage in range(lay.zero_stage + 1, 4):
+        label = f"parallel.zero_stage={stage}"
+        if stage == 3:
+            label += " parallel.deepspeed_config=configs/deepspeed/zero3.json"
+        tries.append((label, {"zero_stage": stage}))
     if not lay.activation_checkpointing:
         tries.append(("activation checkpointing (--activation-checkpointing)", {"ckpt": True}))
     for ep in expert_parallel_sizes(E, lay.world):

@@ -2,6 +2,7 @@
 
 deepsuite plan CONFIG --nodes N --gpus-per-node G [--gpu h100|h800] [key=value ...]
 deepsuite plan --shipped          the README's four configs on their intended clusters
+deepsuite plan CONFIG --min-nodes  the fewest nodes it fits on, and the layout (also with --shipped)
 """
 
 from __future__ import annotations
@@ -10,17 +11,16 @@ import argparse
 from collections.abc import Sequence
 
 from deepsuite.config import ConfigError, load_config
-from deepsuite.planner.layout import HARDWARE
+from deepsuite.planner.layout import HARDWARE, Hardware
 from deepsuite.planner.plan import RESERVE, Plan, make_plan, suggestions
 
 # (config, nodes, gpus per node, overrides, activation checkpointing, node-limited M): the
-# README's shipped runs. V3: 2048 GPUs, EP 64; its 15360-sequence batch is not a multiple of 2048
-# ranks, so the nearest one (16384) is planned.
-SHIPPED: list[tuple[str, int, int, list[str], bool, int]] = [
+# README's shipped runs. V3: 256 GPUs, EP 64 x EDP 4 under ZeRO 3 (its YAML's layout).
+SHIPPED: list[tuple[str, int, int, list[str], bool | None, int]] = [
     ("configs/tiny.yaml", 1, 2, [], False, 0),
     ("configs/deepseek_1b.yaml", 1, 8, [], False, 0),
     ("configs/deepseek_v2_lite_16b.yaml", 4, 8, [], True, 0),
-    ("configs/deepseek_v3_671b.yaml", 256, 8, ["train.global_batch_size=16384"], True, 4),
+    ("configs/deepseek_v3_671b.yaml", 32, 8, [], None, 4),  # its YAML turns checkpointing on
 ]
 
 
@@ -53,10 +53,20 @@ def format_plan(p: Plan) -> str:
         f"{_n(local_exp)} ({m.n_layers - m.n_dense_layers} MoE layers x "
         f"{p.cfg.moe.n_routed_experts // lay.ep} experts)",
         "memory per GPU:",
-        f"  weights             {_b(st.weights)}",
-        f"  gradients           {_b(st.grads)}",
+        f"  weights             {_b(st.weights)}"
+        + ("  (partitions + persistent parameters)" if lay.zero_stage == 3 else ""),
+        f"  gradients           {_b(st.grads)}  (held when backward ends)",
         f"  optimizer states    {_b(st.optimizer)}  (fp32 master + Adam moments)",
+        f"  DeepSpeed buffers   {_b(st.buffers)} held, {_b(st.backward_temp)} during backward, "
+        f"{_b(st.step_temp)} inside the optimizer step",
+        *(
+            [f"  gathered parameters {_b(st.gathered)}  (ZeRO 3: blocks in flight and their grads)"]
+            if lay.zero_stage == 3
+            else []
+        ),
         f"  activations         {_b(p.activations.total)}  (estimate, one micro-batch)",
+        f"  peaks               {_b(st.peak_step)} inside the optimizer step, "
+        f"{_b(st.peak_backward(p.activations.total))} in forward/backward",
         f"  total               {_b(p.memory_total)} of {_b(p.memory_budget)} usable "
         f"({hw.hbm_bytes / 1e9:.0f} GB less {RESERVE:.0%} reserve)",
         f"  MLA KV cache        {_b(p.kv_cache[0])} per micro-batch at inference "
@@ -76,7 +86,8 @@ def format_plan(p: Plan) -> str:
     r = p.reduce
     lines += [
         f"gradient reduction    dense {_b(r.dense_bytes)} ({'IB' if r.dense_inter else 'NVLink'}),"
-        f" experts {_b(r.expert_bytes)} ({'IB' if r.expert_inter else 'NVLink'}) per GPU per step",
+        f" experts {_b(r.expert_bytes)} ({'IB' if r.expert_inter else 'NVLink'}) per GPU per step"
+        + (" (ZeRO 3: parameter all-gathers included)" if lay.zero_stage == 3 else ""),
         f"step time (estimate)  {p.step_time:.4g} s = compute {p.time_compute:.4g} + all-to-all "
         f"{p.time_a2a:.4g} + reduction {p.time_reduce:.4g} (no overlap; fully overlapped "
         f"{max(p.time_compute, p.time_a2a + p.time_reduce):.4g} s)",
@@ -117,10 +128,21 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--mfu", type=float, help="override achieved fraction of peak")
     ap.add_argument("--nvlink-gbs", type=float, help="override NVLink GB/s per direction")
     ap.add_argument("--ib-gbs", type=float, help="override InfiniBand GB/s per GPU")
-    ap.add_argument("--activation-checkpointing", action="store_true")
+    ap.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="plan with it on (default: train.activation_checkpointing of the config)",
+    )
     ap.add_argument("--node-limit", type=int, default=0, help="node-limited routing M (0 = off)")
     ap.add_argument("--vocab-size", type=int, help="when model.vocab_size is 0")
     ap.add_argument("--shipped", action="store_true", help="plan the README's shipped configs")
+    ap.add_argument(
+        "--min-nodes",
+        action="store_true",
+        help="search the fewest nodes (of --gpus-per-node GPUs) the config fits on: ZeRO 0-3, "
+        "every EP size, activation checkpointing, micro-batch halvings",
+    )
+    ap.add_argument("--max-nodes", type=int, default=1024, help="upper end of --min-nodes")
     return ap
 
 
@@ -140,12 +162,18 @@ def plan_main(argv: Sequence[str] | None = None) -> int:
     elif args.config:
         runs = [
             (args.config, args.nodes, args.gpus_per_node, args.overrides,
-             args.activation_checkpointing, args.node_limit)
+             args.activation_checkpointing or None, args.node_limit)
         ]  # fmt: skip
     else:
         parser.error("give a CONFIG or --shipped")
     all_fit = True
     for path, nodes, gpn, overrides, ckpt, m in runs:
+        if args.min_nodes:
+            code = _print_min_nodes(path, overrides, gpn, hw, m, args)
+            if code == 2:
+                return 2
+            all_fit &= code == 0
+            continue
         try:
             cfg = load_config(path, overrides)
             p = make_plan(
@@ -159,3 +187,28 @@ def plan_main(argv: Sequence[str] | None = None) -> int:
         print(format_plan(p), end="\n\n")
         all_fit &= p.fits
     return 0 if all_fit else 1
+
+
+def _print_min_nodes(
+    path: str, overrides: list[str], gpn: int, hw: Hardware, m: int, args: argparse.Namespace
+) -> int:
+    """0: found (printed), 1: fits nowhere up to --max-nodes, 2: bad input (printed)."""
+    from deepsuite.planner.search import min_nodes
+
+    try:
+        cfg = load_config(path, overrides)
+        if args.max_nodes < 1:
+            raise ValueError(f"--max-nodes: expected a positive int, got {args.max_nodes}")
+        found = min_nodes(
+            cfg, gpn, hardware=hw, node_limit=m, max_nodes=args.max_nodes,
+            vocab_size=args.vocab_size,
+        )  # fmt: skip
+    except (ConfigError, ValueError, TypeError) as err:
+        print(f"deepsuite plan: {path}: {err}")
+        return 2
+    if found is None:
+        print(f"{path}: does not fit on {args.max_nodes} nodes of {gpn} GPUs in any layout\n")
+        return 1
+    print(f"{path}: {found.describe()}")
+    print(format_plan(found.plan), end="\n\n")
+    return 0

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from deepsuite.checkpoint.run import check_resume_layout
 from deepsuite.checkpoint.validate import check_resume
 from deepsuite.config import Config, ConfigError, ParallelConfig
 from deepsuite.data import (
@@ -34,7 +35,7 @@ from deepsuite.data import (
 )
 from deepsuite.distributed import DistEnv, check_same_config, detect_env, init_distributed
 from deepsuite.distributed.agree import agree_on_error, fail_together
-from deepsuite.distributed.ds_config import check_deepspeed_config
+from deepsuite.distributed.deepspeed_json import resolved_zero_stage, validate_deepspeed_json
 from deepsuite.distributed.engine import build_engine, deepspeed_config
 from deepsuite.distributed.env import start_process_group
 from deepsuite.distributed.expert_parallel import apply_expert_parallel
@@ -105,7 +106,9 @@ def validate_before_launch(cfg: Config, env: DistEnv) -> None:
     check_run_dir(cfg.train.run_dir)
     check_logging(cfg)
     check_resume(cfg)
-    check_deepspeed_config(cfg)
+    validate_deepspeed_json(cfg)  # the JSON's ZeRO stage and options against the YAML
+    here = {"world": env.world_size, "ep": cfg.parallel.ep, "zero": resolved_zero_stage(cfg)}
+    check_resume_layout(cfg.train.resume, Path(cfg.train.run_dir) / "checkpoints", here)
     validate_data_config(  # reads the source's first record and the tokenizer
         cfg.data,
         model_max_seq_len=cfg.model.max_seq_len,
@@ -199,7 +202,9 @@ def build_run(cfg: Config | Callable[[], Config]) -> RunParts:
         model = DeepSeekLM(cfg)
     if cfg.parallel.ep > 1:
         groups = setup_expert_parallel(cfg.parallel.ep, cfg.moe.n_routed_experts)
-        apply_expert_parallel(model, groups, check_replicated=False)  # nothing to compare yet
+        apply_expert_parallel(  # nothing to compare yet: check_replicated=False
+            model, groups, zero_stage=resolved_zero_stage(cfg), check_replicated=False
+        )
     model.materialize("cpu", seed=cfg.train.seed)  # expert shards keep their DeepSpeed tags
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
 

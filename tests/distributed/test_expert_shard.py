@@ -1,4 +1,4 @@
-"""ExpertShard state-dict keys and MoE optimizer groups (single process, no collectives)."""
+"""DeepSpeedMoEShard state-dict keys and MoE optimizer groups (single process, no collectives)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from deepsuite.distributed.expert_parallel import ExpertShard, moe_param_groups
+from deepsuite.distributed.expert_parallel import moe_param_groups
+from deepsuite.distributed.expert_shard import DeepSpeedMoEShard
 from deepsuite.layers.moe import DeepSeekMoE, GroupedExperts
 
 
 def test_state_dict_has_one_deepspeed_entry_per_local_expert_and_round_trips() -> None:
     full = GroupedExperts(6, 4, 5)
-    shard = ExpertShard(full.slice_experts(3, 6), 6, 1, "ep_size_2")
+    shard = DeepSpeedMoEShard(full.slice_experts(3, 6), 6, 1, "ep_size_2")
     sd = shard.state_dict()
     assert set(sd) == {
         f"deepspeed_moe.experts.deepspeed_experts.{i}.{w}"
@@ -21,7 +22,7 @@ def test_state_dict_has_one_deepspeed_entry_per_local_expert_and_round_trips() -
         for w in ("gate_proj", "up_proj", "down_proj")
     }
     assert torch.equal(sd["deepspeed_moe.experts.deepspeed_experts.2.down_proj"], full.down_proj[5])
-    other = ExpertShard(GroupedExperts(3, 4, 5), 6, 1, "ep_size_2")
+    other = DeepSpeedMoEShard(GroupedExperts(3, 4, 5), 6, 1, "ep_size_2")
     other.load_state_dict(sd)
     for w in ("gate_proj", "up_proj", "down_proj"):
         assert torch.equal(getattr(other, w), getattr(full, w)[3:6])
@@ -47,3 +48,27 @@ def test_param_groups_split_decay_and_experts() -> None:
     assert len(no_decay["params"]) == 2 and no_decay["weight_decay"] == 0.0  # LayerNorm w, b
     with pytest.raises(ValueError, match="weight_decay"):
         moe_param_groups(moe, -1.0)
+
+
+def test_zero3_shard_tags_its_placement_and_keeps_stacked_keys() -> None:
+    """The ZeRO-3 form: plain module (not DeepSpeed's MoE), every parameter placed over its
+    expert-data-parallel group, also after ``to_empty`` replaces the Parameter objects."""
+    from deepspeed.moe.layer import MoE
+
+    from deepsuite.distributed.expert_shard import ExpertShard
+
+    full = GroupedExperts(6, 4, 5)
+    edp = object()  # stands for the process group: tagging only stores it
+    shard = ExpertShard(full.slice_experts(3, 6), 6, 1, "ep_size_2", edp)
+    assert not isinstance(shard, MoE)
+    assert set(shard.state_dict()) == {f"local.{w}" for w in ("gate_proj", "up_proj", "down_proj")}
+    for module in (shard, shard.to_empty(device="cpu")):
+        for p in module.parameters():
+            assert p.allreduce is False and p.group_name == "ep_size_2"
+            assert p.ds_zero_partition_process_group is edp
+            assert p.ds_zero_partition_group_name == "ep_size_2"
+            assert p.ds_zero_placement_family == "autoep_expert"
+    with pytest.raises(ValueError, match="edp_group"):
+        ExpertShard(full.slice_experts(3, 6), 6, 1, "ep_size_2", None)
+    dense = DeepSpeedMoEShard(full.slice_experts(3, 6), 6, 1, "ep_size_2")
+    assert not any(hasattr(p, "ds_zero_placement_family") for p in dense.parameters())

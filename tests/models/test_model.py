@@ -285,12 +285,12 @@ def test_meta_build_then_materialize_equals_a_full_build():
     cfg = load_config(ROOT / "configs/tiny.yaml", [*SMALL, "model.mtp_depth=1"])
     full = DeepSeekLM(cfg)
     full.reset_parameters(seed=7)
-    from deepsuite.distributed.expert_parallel import ExpertShard
+    from deepsuite.distributed.expert_shard import DeepSpeedMoEShard
 
     with torch.device("meta"):
         meta = DeepSeekLM(cfg)
     for moe in meta.moe_layers():  # what expert parallelism does on EP rank 1 of 2
-        moe.experts = ExpertShard(moe.experts.slice_experts(4, 8), 8, 1, "ep_size_2")
+        moe.experts = DeepSpeedMoEShard(moe.experts.slice_experts(4, 8), 8, 1, "ep_size_2")
     meta.materialize("cpu", seed=7)
     a = dict(full.named_parameters())
     for key, value in meta.named_parameters():

@@ -1,15 +1,19 @@
 """The DeepSpeed JSON (``parallel.deepspeed_config``): read it, and check it against the run.
 
 The JSON holds the engine settings the YAML does not: the ZeRO stage and its options, logging.
-Everything the YAML owns (batch sizes, clipping, precision, optimizer, LR schedule) is written
-into the engine's config by :func:`deepsuite.distributed.engine.deepspeed_config`; a JSON that
-sets one of those differently would be silently overridden, so it is refused with the YAML key
-to use instead.
+Its ZeRO stage decides how the model is built (under stage 3 the experts are partitioned over
+their expert-data-parallel group, the dense model over the world; a stage-3 JSON unchecked used
+to export experts of shape (0,)). Everything the YAML owns (batch sizes, clipping, precision,
+optimizer, LR schedule) is written into the engine's config by
+:func:`deepsuite.distributed.engine.deepspeed_config`; a JSON that sets one of those differently
+would be silently overridden, so it is refused with the YAML key to use instead.
 
-The checks are :data:`RULES`, one function each, run in order by :func:`check_deepspeed_config`
+The checks are :data:`RULES`, one function each, run in order by :func:`validate_deepspeed_json`
 on every rank before the process group starts. A rule takes the parsed JSON and the config and
 returns None when it holds, else what is wrong, starting with the JSON key it is about; the
-error then names the file. Add a rule by appending a function to the list.
+error then names the file. Add a rule by appending a function to the list. Pure but for the
+last rule (DeepSpeed's own schema): ``deepsuite plan`` reads the stage the same way the trainer
+does (:func:`resolved_zero_stage`).
 """
 
 from __future__ import annotations
@@ -26,16 +30,23 @@ from deepsuite.errors import ConfigError
 
 __all__ = [
     "RULES",
-    "SUPPORTED_ZERO_STAGES",
-    "check_deepspeed_config",
-    "json_zero_stage",
+    "ZERO_STAGES",
     "read_deepspeed_json",
     "resolve_deepspeed_json",
+    "resolved_zero_stage",
+    "validate_deepspeed_json",
 ]
 
-# ZeRO 3 partitions each parameter over the data-parallel ranks, which the sharded experts do
-# not support yet: at ep=1 it trained and exported every routed expert with shape (0,).
-SUPPORTED_ZERO_STAGES = (0, 1, 2)
+ZERO_STAGES = (0, 1, 2, 3)
+
+# ZeRO-3 options DeepSpeed 0.19.8 refuses beside its own expert parallelism
+# (engine._validate_zero3_moe_compatibility, which our shards do not reach) or that gather over
+# groups of their own: key -> (the value that turns it off, why).
+_ZERO3_EP_REFUSED = {
+    "zero_hpz_partition_size": (1, "hpZ secondary partitions are not supported beside experts"),
+    "zero_quantized_gradients": (False, "quantized gradients are not supported beside experts"),
+    "zero_quantized_weights": (False, "quantized weights are untested beside experts"),
+}
 
 Rule = Callable[[dict[str, Any], Config], "str | None"]
 
@@ -75,13 +86,26 @@ def read_deepspeed_json(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def json_zero_stage(ds: dict[str, Any]) -> Any:
-    """The stage the JSON names (0 when it names none)."""
+def _json_stage(ds: dict[str, Any]) -> Any:
+    """The stage the JSON names (0 when it names none; None when the section is not an object)."""
     zero = ds.get("zero_optimization", {})
     return zero.get("stage", 0) if isinstance(zero, dict) else None
 
 
-# ---- the rules -----------------------------------------------------------------------------
+def resolved_zero_stage(cfg: Config, ds: dict[str, Any] | None = None) -> int:
+    """The stage the engine runs: ``parallel.zero_stage`` when set (>= 0), else the JSON's
+    (read from ``parallel.deepspeed_config`` when ``ds`` is not given)."""
+    if cfg.parallel.zero_stage >= 0:
+        return cfg.parallel.zero_stage
+    stage = _json_stage(read_deepspeed_json(cfg.parallel.deepspeed_config) if ds is None else ds)
+    if isinstance(stage, bool) or stage not in ZERO_STAGES:
+        raise ConfigError(
+            f"parallel.deepspeed_config: {cfg.parallel.deepspeed_config}: zero_optimization.stage:"
+            f" expected one of {list(ZERO_STAGES)}, got {stage!r}"
+        )
+    return int(stage)
+
+
 def _zero_section(ds: dict[str, Any], cfg: Config) -> str | None:
     zero = ds.get("zero_optimization", {})
     if not isinstance(zero, dict):
@@ -90,20 +114,39 @@ def _zero_section(ds: dict[str, Any], cfg: Config) -> str | None:
 
 
 def _zero_stage(ds: dict[str, Any], cfg: Config) -> str | None:
-    stage = json_zero_stage(ds)
-    if isinstance(stage, bool) or stage not in SUPPORTED_ZERO_STAGES:
+    """0-3; ``parallel.zero_stage`` may move it within 0-2, but not to or from 3 (stage 3
+    builds the model differently and its JSON carries stage-3 settings)."""
+    stage = _json_stage(ds)
+    if isinstance(stage, bool) or stage not in ZERO_STAGES:
+        return f"zero_optimization.stage: expected one of {list(ZERO_STAGES)}, got {stage!r}"
+    yaml_stage = cfg.parallel.zero_stage
+    if yaml_stage >= 0 and (yaml_stage == 3) != (stage == 3):
         return (
-            f"zero_optimization.stage: expected one of {list(SUPPORTED_ZERO_STAGES)}, got "
-            f"{stage!r} (ZeRO-3 would partition the expert weights, which deepsuite's experts do "
-            "not support yet; use stage 1 or 2)"
+            f"parallel.zero_stage={yaml_stage} contradicts zero_optimization.stage={stage}: ZeRO 3"
+            " must be set in both (use parallel.deepspeed_config="
+            f"configs/deepspeed/{'zero3' if yaml_stage == 3 else 'zero1'}.json)"
         )
+    return None
+
+
+def _zero3_with_experts(ds: dict[str, Any], cfg: Config) -> str | None:
+    """Under stage 3 with ``parallel.ep`` > 1, the options of ``_ZERO3_EP_REFUSED``."""
+    zero = ds.get("zero_optimization", {})
+    if resolved_zero_stage(cfg, ds) != 3 or cfg.parallel.ep == 1:
+        return None
+    for key, (off, why) in _ZERO3_EP_REFUSED.items():
+        if zero.get(key, off) != off:
+            return (
+                f"zero_optimization.{key}: {why} (ZeRO 3 with parallel.ep={cfg.parallel.ep});"
+                f" remove it or set it to {json.dumps(off)}, got {json.dumps(zero[key])}"
+            )
     return None
 
 
 def _moe_stage_options(ds: dict[str, Any], cfg: Config) -> str | None:
     """DeepSpeed asserts these for MoE models (stage_1_and_2.py, _configure_moe_settings)."""
     zero = ds.get("zero_optimization", {})
-    stage = cfg.parallel.zero_stage if cfg.parallel.zero_stage >= 0 else json_zero_stage(ds)
+    stage = resolved_zero_stage(cfg, ds)
     if cfg.parallel.ep == 1 or stage not in (1, 2):
         return None
     if zero.get("reduce_scatter", True) is False:
@@ -114,16 +157,16 @@ def _moe_stage_options(ds: dict[str, Any], cfg: Config) -> str | None:
 
 
 def _offload(ds: dict[str, Any], cfg: Config) -> str | None:
-    """DeepSpeed refuses ZeRO-Offload with a client optimizer unless told otherwise."""
+    """DeepSpeed's offload needs its own CPU Adam; deepsuite passes a torch AdamW."""
     zero = ds.get("zero_optimization", {})
-    section = zero.get("offload_optimizer")
-    device = section.get("device", "none") if isinstance(section, dict) else None
-    if device not in (None, "none") and ds.get("zero_force_ds_cpu_optimizer", True) is not False:
-        return (
-            f"zero_optimization.offload_optimizer: device {device!r} needs DeepSpeed's CPU Adam, "
-            "and deepsuite passes a torch AdamW; remove the offload, or accept a slower step "
-            'with "zero_force_ds_cpu_optimizer": false'
-        )
+    for key in ("offload_optimizer", "offload_param"):
+        section = zero.get(key)
+        device = section.get("device", "none") if isinstance(section, dict) else None
+        if device not in (None, "none"):
+            return (
+                f"zero_optimization.{key}: offload is not supported (the trainer passes a torch "
+                f"AdamW; DeepSpeed's offload needs its CPU Adam), got device {device!r}"
+            )
     return None
 
 
@@ -184,6 +227,7 @@ def _deepspeed_schema(ds: dict[str, Any], cfg: Config) -> str | None:
 RULES: list[Rule] = [
     _zero_section,
     _zero_stage,
+    _zero3_with_experts,
     _moe_stage_options,
     _offload,
     _owned_by_yaml,
@@ -191,7 +235,7 @@ RULES: list[Rule] = [
 ]
 
 
-def check_deepspeed_config(cfg: Config) -> dict[str, Any]:
+def validate_deepspeed_json(cfg: Config) -> dict[str, Any]:
     """Read ``parallel.deepspeed_config`` and check every rule; returns the parsed JSON.
 
     Raises :class:`~deepsuite.errors.ConfigError` naming the file and the JSON key. Pure: no

@@ -8,7 +8,11 @@ from pathlib import Path
 import pytest
 
 from deepsuite.config import ConfigError, load_config
-from deepsuite.distributed.ds_config import RULES, check_deepspeed_config, read_deepspeed_json
+from deepsuite.distributed.deepspeed_json import (
+    RULES,
+    read_deepspeed_json,
+    validate_deepspeed_json,
+)
 from deepsuite.distributed.engine import deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,7 +33,7 @@ def test_shipped_json_passes_every_rule_at_ep_1_and_2(path):
         cfg = load_config(
             ROOT / "configs/tiny.yaml", [f"parallel.deepspeed_config={path}", f"parallel.ep={ep}"]
         )
-        assert check_deepspeed_config(cfg) == json.loads(path.read_text())
+        assert validate_deepspeed_json(cfg) == json.loads(path.read_text())
         built = deepspeed_config(cfg, grad_accum=1)  # what the engine gets: the YAML's values
         assert built["gradient_clipping"] == cfg.optim.grad_clip
         assert built["train_batch_size"] == cfg.train.global_batch_size
@@ -46,9 +50,11 @@ def test_a_relative_shipped_path_works_from_any_directory(tmp_path, monkeypatch)
         ('{"zero_optimization": {"stage": 1},\n "x": }', (), "line 2, column 7: invalid JSON"),
         ("[1]", (), "expected a JSON object"),
         ({"zero_optimization": 1}, (), "zero_optimization: expected an object"),
-        # ZeRO-3 at ep 1 trained and exported routed experts of shape (0,): refused until the
-        # experts support it; the stage the JSON names is one rule of the list
-        ({"zero_optimization": {"stage": 3}}, ("parallel.ep=1",), "zero_optimization.stage"),
+        # ZeRO 3 builds the model differently (experts partitioned over their expert-data-
+        # parallel group): set in the YAML and the JSON alike or not at all
+        ({"zero_optimization": {"stage": 3}}, ("parallel.zero_stage=1",), "contradicts"),
+        ({"zero_optimization": {"stage": 4}}, (), "zero_optimization.stage: expected one of"),
+        ({"zero_optimization": {"offload_param": {"device": "cpu"}}}, (), "offload_param"),
         ({"zero_optimization": {"stage": True}}, (), "zero_optimization.stage"),
         ({"zero_optimization": {"stage": 1, "reduce_scatter": False}}, (), "reduce_scatter"),
         (
@@ -75,7 +81,7 @@ def test_a_relative_shipped_path_works_from_any_directory(tmp_path, monkeypatch)
 )
 def test_each_rule_names_the_file_and_the_key(tmp_path, ds, overrides, fragment):
     with pytest.raises(ConfigError) as info:
-        check_deepspeed_config(cfg_with(tmp_path, ds, *overrides))
+        validate_deepspeed_json(cfg_with(tmp_path, ds, *overrides))
     msg = str(info.value)
     assert msg.startswith("parallel.deepspeed_config: ") and "ds.json" in msg
     assert fragment in msg
@@ -83,9 +89,9 @@ def test_each_rule_names_the_file_and_the_key(tmp_path, ds, overrides, fragment)
 
 def test_the_moe_rules_apply_only_with_expert_parallelism(tmp_path):
     ds = {"zero_optimization": {"stage": 1, "reduce_scatter": False}}
-    check_deepspeed_config(cfg_with(tmp_path, ds, "parallel.ep=1"))
+    validate_deepspeed_json(cfg_with(tmp_path, ds, "parallel.ep=1"))
     agreeing = {"train_batch_size": 16, "gradient_clipping": 1.0, "bf16": {"enabled": False}}
-    check_deepspeed_config(cfg_with(tmp_path, agreeing))  # the YAML's own values are fine
+    validate_deepspeed_json(cfg_with(tmp_path, agreeing))  # the YAML's own values are fine
 
 
 def test_rules_are_plain_functions():
