@@ -9,6 +9,14 @@ deepsuite plan CONFIG --nodes N --gpus-per-node G   memory / FLOPs / all-to-all 
 deepsuite convert ...                       Hugging Face DeepSeek-V2/V3 <-> deepsuite
 deepsuite eval PATH --data SOURCE           loss, perplexity, expert load (any ranks, any EP)
 deepsuite generate PATH --prompt TEXT       greedy or sampled text from a checkpoint, streamed
+deepsuite reshard SRC DST --ep N            re-split a checkpoint to another EP size
+deepsuite torchrun [torchrun args] train/train.py CONFIG ...   torchrun, ending in one line
+
+Every subcommand runs inside the error boundary (:func:`deepsuite.errors.run_main`): bad input
+ends in one line naming the key or file and exit status 2, no traceback (``--debug`` or
+DEEPSUITE_DEBUG=1 shows it). A new subcommand is one row of ``COMMANDS``: a function taking
+argv and returning the exit status, raising :class:`deepsuite.errors.DeepsuiteError` for bad
+input.
 """
 
 from __future__ import annotations
@@ -16,6 +24,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from importlib import import_module
+
+from deepsuite.errors import EXIT_USER_ERROR, ConfigError, debug_requested, run_main
 
 # subcommand -> (module, function taking argv, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -37,6 +47,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "eval": ("deepsuite.training.evaluate", "eval_main", "loss / perplexity / load on a dataset"),
     "generate": ("deepsuite.cli", "generate_main", "generate text from a checkpoint"),
+    "torchrun": ("deepsuite.cli", "torchrun_main", "torchrun, ending a failed run in one line"),
 }
 
 
@@ -100,7 +111,8 @@ class _Stream:
 
 
 def generate_main(argv: list[str] | None = None) -> int:
-    """``deepsuite generate``: bad input ends in one line on stderr and exit status 2."""
+    """``deepsuite generate``; bad input raises a DeepsuiteError (one line, exit 2 from the
+    boundary)."""
     import torch
 
     from deepsuite.checkpoint.pretrained import load_pretrained
@@ -109,45 +121,41 @@ def generate_main(argv: list[str] | None = None) -> int:
     from deepsuite.models.generate import SamplingConfig, generate
 
     args = _generate_args(argv)
-    try:
-        sampling = SamplingConfig(
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            seed=args.seed,
+    sampling = SamplingConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    src, model = load_pretrained(args.path, dtype=dtype)
+    spec = args.tokenizer or src.tokenizer
+    if spec is None:
+        raise ConfigError(f"--tokenizer: {args.path} has no tokenizer.json beside it; name one")
+    tok = ByteTokenizer() if spec == "byte" else load_hf_tokenizer(spec)
+    if tok.vocab_size > model.args.model.vocab_size:
+        raise ConfigError(
+            f"--tokenizer: {spec} has {tok.vocab_size} tokens, more than the model's "
+            f"vocabulary (model.vocab_size={model.args.model.vocab_size})"
         )
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-        src, model = load_pretrained(args.path, dtype=dtype)
-        spec = args.tokenizer or src.tokenizer
-        if spec is None:
-            raise ValueError(f"--tokenizer: {args.path} has no tokenizer.json beside it; name one")
-        tok = ByteTokenizer() if spec == "byte" else load_hf_tokenizer(spec)
-        if tok.vocab_size > model.args.model.vocab_size:
-            raise ValueError(
-                f"--tokenizer: {spec} has {tok.vocab_size} tokens, more than the model's "
-                f"vocabulary (model.vocab_size={model.args.model.vocab_size})"
-            )
-        texts = [
-            render_chat(tok, [{"role": "user", "content": p}], add_generation_prompt=True)
-            if args.chat
-            else p
-            for p in args.prompt
-        ]
-        # every document the data pipeline packs opens with the separator: so does a prompt
-        prompts = [[tok.eos_id, *tok.encode(t)] for t in texts]
-        sampling = SamplingConfig(**{**sampling.__dict__, "eos_id": tok.eos_id})
-        stream = len(prompts) == 1 and not args.ids
-        out = generate(
-            model,
-            prompts,
-            sampling,
-            pad_id=tok.eos_id,
-            on_step=_Stream(tok, tok.eos_id) if stream else None,
-        )
-    except (ValueError, FileNotFoundError) as err:
-        print(f"deepsuite generate: error: {err}", file=sys.stderr, flush=True)
-        return 2
+    texts = [
+        render_chat(tok, [{"role": "user", "content": p}], add_generation_prompt=True)
+        if args.chat
+        else p
+        for p in args.prompt
+    ]
+    # every document the data pipeline packs opens with the separator: so does a prompt
+    prompts = [[tok.eos_id, *tok.encode(t)] for t in texts]
+    sampling = SamplingConfig(**{**sampling.__dict__, "eos_id": tok.eos_id})
+    stream = len(prompts) == 1 and not args.ids
+    out = generate(
+        model,
+        prompts,
+        sampling,
+        pad_id=tok.eos_id,
+        on_step=_Stream(tok, tok.eos_id) if stream else None,
+    )
     if stream:
         print(flush=True)
         return 0
@@ -156,6 +164,40 @@ def generate_main(argv: list[str] | None = None) -> int:
             " ".join(map(str, ids)) if args.ids else tok.decode([t for t in ids if t != tok.eos_id])
         )
         print(body if len(out) == 1 else f"[{i}] {body}", flush=True)
+    return 0
+
+
+def torchrun_main(argv: list[str] | None = None) -> int:
+    """``deepsuite torchrun ARGS``: torchrun itself (the same arguments, ``torch.distributed.run``),
+    but a failure ends without torchrun's own traceback.
+
+    When the first rank to fail exited with status 2 (bad input: every rank has printed the
+    line naming it) or 75 (stopped early with a checkpoint and not requeued: rank 0 has said
+    so, ``training.preemption.NOT_FINISHED``) nothing more is printed and that status is the
+    command's; any other failure prints torchrun's failure table (ranks, exit codes, error
+    files) and exits 1, as torchrun does.
+    torchrun's log lines (the OMP_NUM_THREADS notice, 'Sending process ... SIGTERM') are shown
+    only with ``--debug`` / DEEPSUITE_DEBUG=1.
+    """
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    from deepsuite.training.preemption import NOT_FINISHED
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not debug_requested(args):
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+        logging.getLogger("torch.distributed.run").setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(args))
+    except ChildFailedError as err:
+        _, first = err.get_first_failure()
+        if first.exitcode in (EXIT_USER_ERROR, NOT_FINISHED):
+            return first.exitcode
+        print(err.format_msg(), file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
@@ -172,11 +214,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"deepsuite: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        print(f"deepsuite: error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    return run_command(name, rest)
+
+
+def run_command(name: str, argv: list[str], prog: str | None = None) -> int:
+    """Subcommand ``name`` with ``argv`` inside the error boundary; returns the exit status."""
     module, func, _ = COMMANDS[name]
-    fn: Callable[[list[str]], int] = getattr(import_module(module), func)
-    return int(fn(rest) or 0)
+    if name == "torchrun":  # its arguments are torchrun's (the script's --debug included)
+        return torchrun_main(argv)
+
+    def call(args: list[str]) -> int:
+        fn: Callable[[list[str]], int] = getattr(import_module(module), func)
+        return int(fn(args) or 0)
+
+    return run_main(call, argv, prog or f"deepsuite {name}")
 
 
 if __name__ == "__main__":

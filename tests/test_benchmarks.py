@@ -78,3 +78,19 @@ def test_compiled_prints_eager_and_compiled_rows():
         "--backend", "aot_eager", "--override", "model.n_layers=2", "--device", "cpu",
     )  # fmt: skip
     assert "| compiled" in out and "eager, loop path" in out and "1.00x" in out, out
+
+
+def test_balance_settle_step_is_the_first_after_which_maxvio_stays_low():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("balance", ROOT / "benchmarks/balance.py")
+    balance = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(balance)
+    vio = [3.0, 0.4, 0.9, 0.45, 0.3, 0.2]  # dips under 0.5 at step 2, stays from step 4
+    recs = [
+        {"step": s, "moe/max_vio_global": v, "moe/layer1/bias": [-0.1 * s, 0.1 * s]}
+        for s, v in enumerate(vio, start=1)
+    ]
+    step, spread = balance.settle(recs, 0.5)
+    assert step == 4 and abs(spread - 0.8) < 1e-12
+    assert balance.settle(recs, 0.1) == (None, None)

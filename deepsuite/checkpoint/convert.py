@@ -15,6 +15,7 @@ import argparse
 import os
 import shutil
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from deepsuite.distributed.engine import build_engine, safe_torch_load
 from deepsuite.distributed.env import init_distributed
 from deepsuite.distributed.expert_parallel import apply_expert_parallel
 from deepsuite.distributed.groups import setup_expert_parallel
+from deepsuite.errors import CheckpointError, run_main
 from deepsuite.models import DeepSeekLM
 
 __all__ = ["reshard_checkpoint", "reshard_main"]
@@ -95,26 +97,33 @@ def reshard_checkpoint(
         zero_stage: target ZeRO stage (0, 1, 2); default the source's.
     """
     src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise CheckpointError(
+            f"src: {src} {'is a file' if src.exists() else 'does not exist'}; expected a "
+            "checkpoints directory (RUN_DIR/checkpoints) or one step_N tag in it"
+        )
+    if dst.exists() and not dst.is_dir():
+        raise CheckpointError(f"dst: {dst} is a file; expected a directory to write")
     if not (src / "trainer_state.json").is_file():
         tag = tag or layout.find_resumable(src)
         if tag is None:
-            raise ValueError(f"src: no complete checkpoint under {src}")
+            raise CheckpointError(f"src: no complete checkpoint under {src}")
         src = src / tag
     reason = layout.verify_checkpoint(src)
     if reason is not None:
-        raise ValueError(f"src: {src} is not a complete checkpoint: {reason}")
-    refuse_zero3(src, saved_layout(src))
+        raise CheckpointError(f"src: {src} is not a complete checkpoint: {reason}")
     world = ep if world is None else world
     trainer_state = layout.read_trainer_state(src)
     cfg = config_from_dict(trainer_state["config"])
     validate_expert_parallel(cfg.moe.n_routed_experts, world, ep)
     if zero_stage not in (None, 0, 1, 2):
-        raise ValueError(
+        raise CheckpointError(
             f"zero_stage: expected 0, 1 or 2 (resharding to ZeRO 3 is not supported yet), "
             f"got {zero_stage!r}"
         )
     if dst.resolve() == src.parent.resolve():
-        raise ValueError("dst: must differ from the source's checkpoints directory")
+        raise CheckpointError("dst: must differ from the source's checkpoints directory")
+    refuse_zero3(src, saved_layout(src))  # after the arguments: it reads the checkpoint's files
     cfg.parallel.ep = ep
     cfg.parallel.limit_groups_to = "experts"  # placement is the trainer's check, routing is kept
     tr = cfg.train
@@ -178,4 +187,4 @@ def reshard_main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(reshard_main())
+    raise SystemExit(run_main(reshard_main, sys.argv[1:], "deepsuite reshard"))

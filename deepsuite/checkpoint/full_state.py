@@ -38,6 +38,7 @@ from deepsuite.distributed.expert_shard import (
     shard_experts,
     split_deepspeed_key,
 )
+from deepsuite.errors import CheckpointError
 from deepsuite.layers.moe import DeepSeekMoE
 from deepsuite.models import DeepSeekLM
 
@@ -72,7 +73,9 @@ def saved_layout(tag_dir: Path) -> dict[str, int]:
     tag_dir = Path(tag_dir)
     state_file = tag_dir / "trainer_state.json"
     if not state_file.is_file():
-        raise ValueError(f"checkpoint: {state_file} not found (not a deepsuite checkpoint tag)")
+        raise CheckpointError(
+            f"checkpoint: {state_file} not found (not a deepsuite checkpoint tag)"
+        )
     state = json.loads(state_file.read_text())
     # ZeRO 0-2: one dense file; ZeRO 3: one per rank (module placeholders, the same ds_config)
     dense_file = tag_dir / "mp_rank_00_model_states.pt"
@@ -144,7 +147,9 @@ def _read_zero12(tag_dir: Path, dense: dict, world: int, ep: int, st: FullState)
                 per_ep = {e: _cat_fragments(p) for e, p in by_slot.items()}
                 out[full_name(name)] = _stack_experts(per_ep, shapes[name], ep)
     if len(steps) > 1:
-        raise ValueError(f"checkpoint {tag_dir}: ranks saved different Adam steps {sorted(steps)}")
+        raise CheckpointError(
+            f"checkpoint {tag_dir}: ranks saved different Adam steps {sorted(steps)}"
+        )
     st.adam_step = steps.pop() if steps else 0
 
 
@@ -174,7 +179,7 @@ def _read_zero0(tag_dir: Path, dense: dict, cfg: Config, ep: int, st: FullState)
             return
         for gi, g in enumerate(osd["param_groups"]):
             if len(g["params"]) != len(groups[gi]):
-                raise ValueError(
+                raise CheckpointError(
                     f"checkpoint {tag_dir}: optimizer group {gi} has {len(g['params'])} params, "
                     f"the model built from its config has {len(groups[gi])}"
                 )
@@ -193,14 +198,16 @@ def _read_zero0(tag_dir: Path, dense: dict, cfg: Config, ep: int, st: FullState)
             else:
                 out[name] = by_ep[0]
     if len(steps) > 1:
-        raise ValueError(f"checkpoint {tag_dir}: parameters saved different Adam steps {steps}")
+        raise CheckpointError(
+            f"checkpoint {tag_dir}: parameters saved different Adam steps {steps}"
+        )
     st.adam_step = steps.pop() if steps else 0
 
 
 def read_full_state(tag_dir: str | Path) -> FullState:
     """Undo the EP x EDP x ZeRO layout of one checkpoint tag directory (single process, CPU).
 
-    Raises ValueError naming the file or tensor when the checkpoint is not one this code wrote.
+    Raises CheckpointError naming the file or tensor when the checkpoint is not one this code wrote.
     """
     tag_dir = Path(tag_dir)
     layout = saved_layout(tag_dir)
@@ -214,11 +221,11 @@ def read_full_state(tag_dir: str | Path) -> FullState:
         for key, t in safe_torch_load(f).items():
             parsed = split_deepspeed_key(key)
             if parsed is None:
-                raise ValueError(f"{f}: unexpected key {key!r} in an expert file")
+                raise CheckpointError(f"{f}: unexpected key {key!r} in an expert file")
             experts[parsed[0]][parsed[1]] = t
     for name, by_id in experts.items():
         if sorted(by_id) != list(range(len(by_id))):
-            raise ValueError(f"checkpoint {tag_dir}: {name} misses experts ({sorted(by_id)})")
+            raise CheckpointError(f"checkpoint {tag_dir}: {name} misses experts ({sorted(by_id)})")
         module[name] = torch.stack([by_id[e] for e in range(len(by_id))])
     st = FullState(module=module, layout=layout)
     if layout["zero"] in (1, 2):

@@ -30,6 +30,7 @@ from deepsuite.checkpoint.full_state import (
     saved_layout,
 )
 from deepsuite.distributed.expert_shard import expert_slices, full_name, model_ep_size
+from deepsuite.errors import CheckpointError
 
 __all__ = ["load_any_layout", "load_full_state"]
 
@@ -73,7 +74,9 @@ def load_full_state(engine: Any, model: torch.nn.Module, state: FullState) -> No
         t.copy_(state.module[name])  # persistent buffers: the balancing bias
     missing = [n for n in params if full_name(n) not in state.module]
     if missing:
-        raise ValueError(f"checkpoint: no tensor for parameters {missing[:4]} (config mismatch?)")
+        raise CheckpointError(
+            f"checkpoint: no tensor for parameters {missing[:4]} (config mismatch?)"
+        )
     zero = engine.zero_optimization_stage()
     opt = engine.optimizer
     have_moments = state.adam_step > 0 and all(state.moments.get(k) for k in MOMENTS)
@@ -90,7 +93,7 @@ def load_full_state(engine: Any, model: torch.nn.Module, state: FullState) -> No
         fname = full_name(name)
         value = _local(state.module[fname], name, slices)
         if value.shape != p.shape:
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint: {fname} has shape {tuple(value.shape)}, model {tuple(p.shape)}"
             )
         p.copy_(value)

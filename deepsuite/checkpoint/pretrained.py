@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from deepsuite.checkpoint import layout
 from deepsuite.config import Config, ConfigError, config_from_dict, load_config
 from deepsuite.distributed.expert_shard import expert_slices, full_name
+from deepsuite.errors import CheckpointError
 from deepsuite.models import DeepSeekLM
 from deepsuite.models.hf import HFCheckpointError, hf_to_config, load_hf_weights, read_hf_config
 from deepsuite.models.hf.io import INDEX, SINGLE, weight_map
@@ -71,7 +72,7 @@ FILL_ONLY = {"model": ("max_seq_len", "init_std")}
 TOKENIZER_FILE = "tokenizer.json"
 
 
-class PretrainedError(ValueError):
+class PretrainedError(CheckpointError):
     """A pretrained path is unusable or does not fit; the message names the path or key."""
 
 

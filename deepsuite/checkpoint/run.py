@@ -24,6 +24,7 @@ from deepsuite.checkpoint.full_state import refuse_zero3, saved_layout
 from deepsuite.checkpoint.load import load_any_layout
 from deepsuite.distributed.comm import guard_collectives
 from deepsuite.distributed.expert_parallel import verify_bias_identical
+from deepsuite.errors import CheckpointError
 
 __all__ = ["TrainerState", "check_resume_layout", "resume_run", "save_run", "will_resume"]
 
@@ -146,7 +147,7 @@ def resume_run(
     ckpt_dir, tag = _resume_tag(resume, run_ckpt_dir)
     if tag is None:
         if resume != "auto":
-            raise ValueError(f"train.resume: no complete checkpoint under {ckpt_dir}")
+            raise CheckpointError(f"train.resume: no complete checkpoint under {ckpt_dir}")
         return None
     tag_dir = ckpt_dir / tag
     # any EP / world / ZeRO layout: native load when it matches, else resharded on load

@@ -42,6 +42,7 @@ from deepsuite.data.pipeline import (
 )
 from deepsuite.data.sft import IGNORE_INDEX
 from deepsuite.data.tokenizer import Tokenizer
+from deepsuite.errors import DataError
 from deepsuite.layers.attention.doc_mask import (
     document_block_mask,
     document_mask,
@@ -145,13 +146,13 @@ class PackedLoader:
         if not isinstance(dp_rank, int) or not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank must be an int in [0, dp_size={dp_size}), got {dp_rank!r}")
         if split == "val" and not cfg.val_fraction > 0:
-            raise ValueError("data.val_fraction is 0: there is no validation split")
+            raise DataError("data.val_fraction is 0: there is no validation split")
         self.streaming = bool(cfg.streaming)
         self.shuffle = (
             (split == "train" and not self.streaming) if shuffle is None else bool(shuffle)
         )
         if self.shuffle and (self.streaming or split == "val"):
-            raise ValueError(
+            raise DataError(
                 "shuffle=True needs non-streaming training data (data.streaming=False, split='train')"
             )
         self.cfg, self.tok, self.split = cfg, tokenizer, split
@@ -170,7 +171,7 @@ class PackedLoader:
             self._ids_ds = tokenize_documents(docs, tokenizer)
             self.rows_per_epoch: int | None = None
             if next(self._epoch_rows(), None) is None:
-                raise ValueError(self._too_short_msg())
+                raise DataError(self._too_short_msg())
             if split == "val":
                 self.rows_per_epoch = sum(1 for _ in self._epoch_rows())
         else:
@@ -178,12 +179,13 @@ class PackedLoader:
             self._targets = target_mask(cfg, tokenizer, split, self.cache_dir)
             self.rows_per_epoch = max(0, (len(self._tokens) - 1) // self.seq_len)
             if self.rows_per_epoch == 0:
-                raise ValueError(self._too_short_msg())
+                raise DataError(self._too_short_msg())
         if split == "val" and self.rows_per_epoch < self.B * self.W:
-            raise ValueError(
+            raise DataError(
                 f"data: the val split packs into {self.rows_per_epoch} sequences of data.seq_len="
                 f"{self.seq_len}, fewer than one global batch ({self.B} x {self.W}); raise "
-                "data.val_fraction or lower the batch size"
+                "data.val_fraction, lower train.micro_batch_size, or set data.val_fraction=0 to "
+                "train without a validation split"
             )
 
     def _too_short_msg(self) -> str:
@@ -297,14 +299,25 @@ class PackedLoader:
         """Continue from ``state``; the next batch is the one the saving loader would have yielded
         next (also under another B x W split of the same global batch when rows align)."""
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"state: unsupported version {state.get('version')!r}")
-        for k in ("split", "stream_key", "seq_len", "seed", "shuffle"):
+            raise DataError(f"state: unsupported version {state.get('version')!r}")
+        what = {
+            "split": "the split",
+            "stream_key": "the corpus or tokenizer (data.source, its files, data.text_field, "
+            "data.max_documents, data.val_fraction, data.tokenizer)",
+            "seq_len": "data.seq_len",
+            "seed": "data.seed",
+            "shuffle": "data.streaming",
+        }
+        for k, name in what.items():
             if state[k] != self.state_dict()[k]:
-                raise ValueError(
-                    f"state[{k!r}]={state[k]!r} does not match this loader ({self.state_dict()[k]!r})"
+                raise DataError(
+                    f"train.resume: the checkpoint's data position was saved with another {name} "
+                    f"({k}: {state[k]!r}, this run: {self.state_dict()[k]!r}); resume with the "
+                    "data settings it was saved with, or start afresh (train.resume=never or "
+                    "a new train.run_dir)"
                 )
         rows = state["rows_consumed"]
         if not isinstance(rows, int) or rows < 0:
-            raise ValueError(f"state['rows_consumed'] must be an int >= 0, got {rows!r}")
+            raise DataError(f"state['rows_consumed'] must be an int >= 0, got {rows!r}")
         self._rows = rows
         self._gen = None

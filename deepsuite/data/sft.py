@@ -23,6 +23,7 @@ from typing import Any
 
 from deepsuite.data.corpus import is_val_index, raw_dataset
 from deepsuite.data.tokenizer import Tokenizer, render_chat
+from deepsuite.errors import DataError
 
 IGNORE_INDEX = -100  # labels without a target (torch's cross_entropy default ignore_index)
 
@@ -41,7 +42,7 @@ def load_records(cfg: Any, split: str, *, hf_cache: str) -> Any:
     prompt, completion, messages = sft_fields(cfg)
     present = [c for c in (prompt, completion, messages) if c in ds.column_names]
     if messages not in present and not {prompt, completion} <= set(present):
-        raise ValueError(
+        raise DataError(
             f"data.format=sft: {cfg.source!r} has columns {ds.column_names}; expected "
             f"{prompt!r} and {completion!r} (data.prompt_field / data.completion_field) or "
             f"{messages!r} (data.messages_field)"
@@ -50,7 +51,7 @@ def load_records(cfg: Any, split: str, *, hf_cache: str) -> Any:
     if cfg.max_documents:
         ds = ds.select(range(min(cfg.max_documents, len(ds))))
     if len(ds) == 0:
-        raise ValueError(f"data.source: {cfg.source!r} holds no records")
+        raise DataError(f"data.source: {cfg.source!r} holds no records")
     f = float(cfg.val_fraction)
     want_val = split == "val"
     return ds.filter(
@@ -117,7 +118,7 @@ def encode_record(
 
 def tokenize_records(ds: Any, tok: Tokenizer, cfg: Any) -> Any:
     """``ds`` of records -> ``ids`` and ``mask`` columns, each document ``[eos] + tokens`` with
-    target flags ``[1] + flags`` (see the module docstring). A bad record raises ValueError
+    target flags ``[1] + flags`` (see the module docstring). A bad record raises DataError
     naming its index in the split."""
     eos, fields = tok.eos_id, sft_fields(cfg)
     names = ds.column_names
@@ -129,7 +130,7 @@ def tokenize_records(ds: Any, tok: Tokenizer, cfg: Any) -> Any:
             try:
                 a, b = encode_record(rec, tok, fields)
             except ValueError as err:
-                raise ValueError(
+                raise DataError(
                     f"data.source {cfg.source!r}, record {i} of the split: {err}"
                 ) from None
             ids.append([eos, *a])

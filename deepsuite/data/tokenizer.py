@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from deepsuite.atomic import atomic_write_text
+from deepsuite.errors import DataError
 
 EOS_TOKEN = "<|endoftext|>"
 # separators looked for when tokenizer_config.json names none (DeepSeek's uses fullwidth bars)
@@ -86,7 +87,7 @@ class HFTokenizer:
             (tok.token_to_id(t) for t in eos_candidates if tok.token_to_id(t) is not None), None
         )
         if eos is None:
-            raise ValueError(
+            raise DataError(
                 f"data.tokenizer: tokenizer has none of the separator tokens {list(eos_candidates)}; "
                 "add an EOS token to it"
             )
@@ -124,7 +125,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_file: str | Path) -> HF
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     if not isinstance(vocab_size, int) or vocab_size < 257:
-        raise ValueError(
+        raise DataError(
             f"data.bpe_vocab_size must be an int >= 257 (256 bytes + EOS), got {vocab_size!r}"
         )
     tok = RustTokenizer(models.BPE())
@@ -182,18 +183,28 @@ def load_hf_tokenizer(path: str | Path) -> HFTokenizer:
     if file.is_file():
         # fingerprint the library's own serialisation, not the file's formatting, so a copy
         # saved by HFTokenizer.save (a run's RUN_DIR/tokenizer.json) keys the same token cache
-        tok = RustTokenizer.from_str(file.read_text(encoding="utf-8"))
+        try:
+            tok = RustTokenizer.from_str(file.read_text(encoding="utf-8"))
+        except Exception as err:  # the tokenizers library raises a bare Exception
+            raise DataError(
+                f"data.tokenizer: {file} is not a tokenizer.json the tokenizers library can load "
+                f"({str(err).strip() or type(err).__name__})"
+            ) from err
         text = tok.to_str()
     elif p.is_dir():
         from transformers import AutoTokenizer
 
-        hf = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        try:
+            hf = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        except Exception as err:  # OSError, ValueError, ... from transformers
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise DataError(f"data.tokenizer: cannot load a tokenizer from {p} ({first})") from err
         if not getattr(hf, "is_fast", False):
-            raise ValueError(f"data.tokenizer: {p} holds no tokenizer.json and no fast tokenizer")
+            raise DataError(f"data.tokenizer: {p} holds no tokenizer.json and no fast tokenizer")
         tok = hf.backend_tokenizer
         text = tok.to_str()
     else:
-        raise ValueError(
+        raise DataError(
             f"data.tokenizer: expected 'byte', 'bpe' or a local tokenizer dir/file, got {str(path)!r} "
             "(no such file or directory)"
         )

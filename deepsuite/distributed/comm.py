@@ -22,7 +22,6 @@ __all__ = [
     "all_gather_flat",
     "all_to_all_rows",
     "guard_collectives",
-    "raise_on_every_rank",
 ]
 
 
@@ -33,24 +32,6 @@ def all_gather_flat(
     all_gather_into_tensor on older torch; both are single-tensor, gloo-safe forms)."""
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     fn(out_WX, inp_X, group=group)
-
-
-def raise_on_every_rank(err: ValueError | None, group: ProcessGroup | None = None) -> None:
-    """Every rank calls this after work that may fail on some ranks only (e.g. each reading its
-    own experts from a checkpoint): when any rank failed, every rank raises (the failing ranks
-    their own error, the others a ValueError with the lowest failing rank's message), so no rank
-    walks on into a collective the others never reach."""
-    if not dist.is_initialized():  # one process: nobody else to tell
-        if err is not None:
-            raise err
-        return
-    errors: list[str | None] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(errors, None if err is None else str(err), group=group)
-    if err is not None:
-        raise err
-    failed = [(r, m) for r, m in enumerate(errors) if m is not None]
-    if failed:
-        raise ValueError(f"rank {failed[0][0]}: {failed[0][1]}")
 
 
 def _exchange(

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from deepsuite.errors import ConfigError
 from deepsuite.models.deepseek import DeepSeekLM
 
 
-class GenerationError(ValueError):
+class GenerationError(ConfigError):
     """A generation argument or prompt is unusable; the message names it."""
 
 

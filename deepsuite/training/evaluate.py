@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -35,11 +34,11 @@ from deepsuite.checkpoint.pretrained import (
     find_pretrained,
     load_pretrained_weights,
 )
-from deepsuite.config import DataConfig, ModelArgs, validate_expert_parallel
+from deepsuite.config import ConfigError, DataConfig, ModelArgs, validate_expert_parallel
 from deepsuite.data import PackedLoader, load_hf_tokenizer, prepare_data, validate_data_config
 from deepsuite.data.loader import model_inputs
 from deepsuite.distributed import detect_env, init_distributed
-from deepsuite.distributed.comm import raise_on_every_rank
+from deepsuite.distributed.agree import fail_together
 from deepsuite.models import IGNORE_INDEX, DeepSeekLM
 from deepsuite.training.moe_stats import max_vio
 
@@ -89,7 +88,7 @@ def _data_config(args: argparse.Namespace, src: PretrainedSource) -> DataConfig:
 def _check(args: argparse.Namespace, src: PretrainedSource, data: DataConfig, world: int) -> None:
     """Every check that needs no collective, identical on every rank."""
     if args.batch_size < 1 or args.batch_size % world:
-        raise ValueError(
+        raise ConfigError(
             f"--batch-size: expected a positive multiple of the {world} ranks, got {args.batch_size}"
         )
     validate_data_config(
@@ -101,11 +100,11 @@ def _check(args: argparse.Namespace, src: PretrainedSource, data: DataConfig, wo
     )
     validate_expert_parallel(src.args.moe.n_routed_experts, world, args.ep)
     if args.ep > 1 and src.args.model.n_dense_layers == src.args.model.n_layers:
-        raise ValueError(f"--ep={args.ep}: the model has no MoE layer to split")
+        raise ConfigError(f"--ep={args.ep}: the model has no MoE layer to split")
     if data.tokenizer not in ("byte", "bpe"):
         n, vocab = load_hf_tokenizer(data.tokenizer).vocab_size, src.args.model.vocab_size
         if n > vocab:
-            raise ValueError(
+            raise ConfigError(
                 f"--tokenizer: {data.tokenizer} has {n} tokens, more than the model's "
                 f"vocabulary (model.vocab_size={vocab})"
             )
@@ -125,12 +124,8 @@ def build_eval_model(src: PretrainedSource, ep: int) -> DeepSeekLM:
         groups = setup_expert_parallel(ep, src.args.moe.n_routed_experts)
         apply_expert_parallel(model, groups, check_replicated=False)
     model.allocate("cpu")
-    err = None
-    try:
+    with fail_together("reading the checkpoint"):  # each rank reads its own experts
         load_pretrained_weights(model, src)
-    except ValueError as e:
-        err = e
-    raise_on_every_rank(err)
     return model.eval()
 
 
@@ -225,22 +220,20 @@ def run_eval(args: argparse.Namespace) -> EvalResult:
     data = _data_config(args, src)
     _check(args, src, data, env.world_size)  # before any collective
     init_distributed("auto")
-    err, tok = None, None
-    if env.rank == 0:
-        try:
+    tok = None
+    with fail_together("data preparation"):  # rank 0 tokenises and caches, then the others
+        if env.rank == 0:
             tok = prepare_data(data)
-        except ValueError as e:
-            err = e
-    raise_on_every_rank(err)
-    if env.rank != 0:
-        tok = prepare_data(data)
+    with fail_together("data preparation"):
+        if env.rank != 0:
+            tok = prepare_data(data)
     model = build_eval_model(src, args.ep)
     W = env.world_size
     split = "val" if args.split == "val" else "train"
     loader = PackedLoader(data, tok, split, args.batch_size // W, env.rank, W, shuffle=False)
     n = len(loader) if not args.max_batches else min(len(loader), args.max_batches)
     if n == 0:
-        raise ValueError(
+        raise ConfigError(
             f"--batch-size={args.batch_size}: the split packs into {loader.rows_per_epoch} rows "
             f"of {data.seq_len} tokens, fewer than one batch"
         )
@@ -250,14 +243,11 @@ def run_eval(args: argparse.Namespace) -> EvalResult:
 
 
 def eval_main(argv: list[str] | None = None) -> int:
-    """Entry point of ``deepsuite eval``: bad input ends in one line on stderr and exit status 2."""
+    """Entry point of ``deepsuite eval``; bad input raises a DeepsuiteError (one line on every
+    rank and exit status 2, from the boundary in ``deepsuite.cli``)."""
     args = parse_args(argv)
     rank = detect_env().rank
-    try:
-        res = run_eval(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"deepsuite eval: error: {err}", file=sys.stderr, flush=True)
-        return 2
+    res = run_eval(args)
     if rank == 0:
         print(format_eval(res, args.path), flush=True)
         if args.json is not None:

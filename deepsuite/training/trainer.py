@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,14 @@ from deepsuite.atomic import atomic_write_text
 from deepsuite.checkpoint.export import export_safetensors
 from deepsuite.checkpoint.layout import tag_for_step
 from deepsuite.checkpoint.run import TrainerState, resume_run, save_run
-from deepsuite.config import Config, ConfigError, load_config
+from deepsuite.config import Config, load_config
 from deepsuite.data.loader import model_inputs
 from deepsuite.distributed.comm import guard_collectives
 from deepsuite.distributed.expert_parallel import (
     moe_layers,
     sync_and_update_bias,
 )
+from deepsuite.errors import run_main
 from deepsuite.models import count_parameters
 from deepsuite.runlog import JSONL_NAME, keep_steps_up_to
 from deepsuite.training import preemption
@@ -441,7 +443,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, list[str]]:
     return args.config, args.overrides
 
 
-def train(cfg: Config) -> dict[str, Any]:
+def train(cfg: Config | Callable[[], Config]) -> dict[str, Any]:
+    """Build the run (``cfg`` or a function loading it: see ``build_run``) and train."""
     trainer = Trainer(build_run(cfg))
     return trainer.fit()
 
@@ -450,13 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     """0 when the run finished (or was requeued), preemption.NOT_FINISHED when it stopped early."""
     preemption.listen()  # a notice during start-up is kept (train/train.py calls it even earlier)
     config, overrides = parse_args(argv)
-    try:  # config errors are raised on every rank alike (before any collective, or on resume
-        summary = train(load_config(config, overrides))  # at a layout it cannot load): one line
-    except ConfigError as err:
-        print(f"deepsuite train: {err}", file=sys.stderr, flush=True)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        return 2
+    # loaded inside the run: its errors are agreed on by every rank like any other
+    summary = train(lambda: load_config(config, overrides))
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -464,4 +462,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, sys.argv[1:], "deepsuite train"))

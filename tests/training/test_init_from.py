@@ -22,8 +22,10 @@ from deepsuite.checkpoint.pretrained import (
 )
 from deepsuite.cli import generate_main
 from deepsuite.config import load_config
+from deepsuite.data.pipeline import check_vocab_size
+from deepsuite.errors import ConfigError
 from deepsuite.models.hf import HFCheckpointError, hf_main
-from deepsuite.training.engine import check_tokenizer_vocab, resolve_init_from
+from deepsuite.training.engine import resolve_init_from
 from deepsuite.training.evaluate import eval_main
 from tests.conftest import tiny_checkpoint_script
 
@@ -138,10 +140,9 @@ def test_tokenizer_missing_or_larger_than_the_vocabulary(tiny_v3, tmp_path):
     tiny_checkpoint_script().write_model(small, vocab_size=300)
     cfg = finetune_cfg(f"train.init_from={small}", f"data.tokenizer={tiny_v3 / 'tokenizer.json'}")
     cfg, _ = resolve_init_from(cfg)
-    with pytest.raises(
-        ValueError, match=r"has 512 tokens, more than model.vocab_size=300 \(the che"
-    ):
-        check_tokenizer_vocab(cfg)
+    assert cfg.model.vocab_size == 300  # the checkpoint's, which the tokenizer outgrows
+    with pytest.raises(ConfigError, match=r"model.vocab_size: expected at least 512 .*got 300"):
+        check_vocab_size(cfg.data, cfg.model.vocab_size)
 
 
 def test_mtp_depth_beyond_the_checkpoint(tiny_v3):

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from deepsuite.config import Config, ModelArgs
+from deepsuite.errors import CheckpointError
 from deepsuite.layers.moe import GroupedExperts
 from deepsuite.models.hf.config import V2, V3, config_to_hf, hf_flavor, hf_to_config
 from deepsuite.models.hf.names import Slot, hf_slots, mtp_layers_present
@@ -51,7 +52,7 @@ def _layer(name: str) -> int:
     return int(parts[2]) if name.startswith("model.layers.") else -1
 
 
-class HFCheckpointError(ValueError):
+class HFCheckpointError(CheckpointError):
     """A checkpoint does not fit the model: the message lists the offending names or fields."""
 
 
