@@ -15,7 +15,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from deepsuite.checkpoint.run import check_resume_layout
 from deepsuite.config import Config
 from deepsuite.data import PackedLoader, Tokenizer, prepare_data, validate_data_config
 from deepsuite.distributed import DistEnv, check_same_config, detect_env, init_distributed
@@ -54,8 +53,6 @@ def validate_before_launch(cfg: Config, env: DistEnv) -> None:
         global_batch_size=cfg.train.global_batch_size,
     )
     validate_deepspeed_json(cfg)  # the JSON's ZeRO stage and options against the YAML
-    here = {"world": env.world_size, "ep": cfg.parallel.ep, "zero": resolved_zero_stage(cfg)}
-    check_resume_layout(cfg.train.resume, Path(cfg.train.run_dir) / "checkpoints", here)
 
 
 def build_run(cfg: Config) -> RunParts:
