@@ -210,7 +210,6 @@ def read_full_state(tag_dir: str | Path) -> FullState:
     tag_dir = Path(tag_dir)
     layout = saved_layout(tag_dir)
     world, ep = layout["world"], layout["ep"]
-    cfg = config_from_dict(json.loads((tag_dir / "trainer_state.json").read_text())["config"])
     dense = safe_torch_load(dense_states_file(tag_dir))
     if layout["zero"] == 3:
         module, fp32, moments, step = read_zero3(tag_dir, world, ep)
@@ -219,7 +218,10 @@ def read_full_state(tag_dir: str | Path) -> FullState:
         st = FullState(module=_read_module(tag_dir, dense), layout=layout)
         if layout["zero"] in (1, 2):
             _read_zero12(tag_dir, dense, world, ep, st)
-        else:
+        else:  # ZeRO 0 names its optimizer state by index: the run's config says in what order
+            cfg = config_from_dict(
+                json.loads((tag_dir / "trainer_state.json").read_text())["config"]
+            )
             _read_zero0(tag_dir, dense, cfg, ep, st)
     st.lr_last_epoch = int(dense["lr_scheduler"]["last_epoch"]) if dense.get("lr_scheduler") else 0
     st.counters = {

@@ -110,8 +110,8 @@ def test_converter_round_trip_4_1_2_4_and_resumes(ref, tmp_path):
 def test_zero3_reshards_to_zero1_and_back(tmp_path):
     """ZeRO 3 at EP 2 x DP 2 (experts partitioned over 2-rank expert-data-parallel groups) ->
     ZeRO 1 at EP 2 on 2 ranks -> ZeRO 3 at EP 2 x DP 2: nothing lost either way; a ZeRO-1 run
-    resuming the ZeRO-3 checkpoint trains on equal to the uninterrupted run, and the converted
-    one resumes natively bit-identically."""
+    resuming the ZeRO-3 checkpoint, and a ZeRO-3 run resuming the ZeRO-1 one, train on equal to
+    the uninterrupted run, and the converted one resumes natively bit-identically."""
     zero3 = [*BASE, *_ep(2), *ZERO3, "train.steps=3", "train.export_final=true"]
     ref = tmp_path / "zero3"
     run_train(ref, [*zero3, "train.save_every=2"], nproc=4)
@@ -141,3 +141,11 @@ def test_zero3_reshards_to_zero1_and_back(tmp_path):
     assert losses(run3) == {3: ref_losses[3]}
     b = final_state(run3)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # on load the other way: a ZeRO-3 run at EP 2 x DP 2 resumes the ZeRO-1 checkpoint
+    run31 = tmp_path / "run_zero3_from_zero1"
+    proc = run_train(run31, [*zero3, f"train.resume={d1.parent}"], nproc=4)
+    assert "resharding" in proc.stdout + proc.stderr
+    assert losses(run31)[3] == pytest.approx(ref_losses[3], rel=1e-6)
+    b = final_state(run31)
+    assert all(torch.equal(a[k], b[k]) for k in biases)
