@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -179,7 +180,11 @@ def reshard_main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default=None, help="tag under SRC (default: the newest complete one)")
     p.add_argument("--zero-stage", type=int, default=None, choices=(0, 1, 2, 3))
     a = p.parse_args(argv)
-    out = reshard_checkpoint(a.src, a.dst, a.ep, a.world, a.tag, a.zero_stage)
+    try:
+        out = reshard_checkpoint(a.src, a.dst, a.ep, a.world, a.tag, a.zero_stage)
+    except ValueError as err:  # bad input: one line naming the argument, no traceback
+        print(f"deepsuite reshard: {err}", file=sys.stderr)
+        return 2
     print(f"wrote {out} (ep={a.ep}, world={a.world or a.ep}); resume with train.resume={a.dst}")
     return 0
 

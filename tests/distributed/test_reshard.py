@@ -17,7 +17,7 @@ import torch
 
 from deepsuite.atomic import atomic_write_text
 from deepsuite.checkpoint import layout as ckpt
-from deepsuite.checkpoint.convert import reshard_checkpoint
+from deepsuite.checkpoint.convert import reshard_checkpoint, reshard_main
 from deepsuite.checkpoint.full_state import read_full_state, saved_layout
 from tests.training.runner import losses, run_train
 from tests.training.test_train import final_state
@@ -107,7 +107,7 @@ def test_converter_round_trip_4_1_2_4_and_resumes(ref, tmp_path):
 
 
 @pytest.mark.slow
-def test_zero3_reshards_to_zero1_and_back(tmp_path):
+def test_zero3_reshards_to_zero1_and_back(tmp_path, capsys):
     """ZeRO 3 at EP 2 x DP 2 (experts partitioned over 2-rank expert-data-parallel groups) ->
     ZeRO 1 at EP 2 on 2 ranks -> ZeRO 3 at EP 2 x DP 2: nothing lost either way; a ZeRO-1 run
     resuming the ZeRO-3 checkpoint, and a ZeRO-3 run resuming the ZeRO-1 one, train on equal to
@@ -117,13 +117,19 @@ def test_zero3_reshards_to_zero1_and_back(tmp_path):
     run_train(ref, [*zero3, "train.save_every=2"], nproc=4)
     src_tag, ref_losses = ref / "checkpoints" / TAG, losses(ref)
     d1 = reshard_checkpoint(src_tag, tmp_path / "z1", ep=2, zero_stage=1)
-    d3 = reshard_checkpoint(d1, tmp_path / "z3", ep=2, world=4, zero_stage=3)
+    back = [str(d1), str(tmp_path / "z3"), "--ep", "2", "--world", "4", "--zero-stage", "3"]
+    assert reshard_main(back) == 0  # the command line, as a user types it
+    d3 = tmp_path / "z3" / TAG
     assert saved_layout(d1) == {"world": 2, "ep": 2, "zero": 1}
     assert saved_layout(d3) == {"world": 4, "ep": 2, "zero": 3}
     src = read_full_state(src_tag)
     assert src.adam_step == 2 and src.moments["exp_avg"]
     _same_state(src, read_full_state(d1))
     _same_state(src, read_full_state(d3))
+    # bad input: one line naming the argument, nothing written
+    assert reshard_main([str(src_tag), str(tmp_path / "bad"), "--ep", "4", "--world", "2"]) == 2
+    assert "deepsuite reshard: " in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
     run1 = tmp_path / "run_zero1"
     resume = f"train.resume={_only_tag(src_tag, tmp_path / 'from_zero3')}"
