@@ -63,8 +63,9 @@ def _rank_files(tag_dir: Path, r: int) -> tuple[dict, dict]:
 def read_zero3(
     tag_dir: Path, world: int, ep: int
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, dict[str, Tensor]], int]:
-    """(module, fp32, optimizer state by key (Adam's exp_avg, exp_avg_sq), adam_step) of a ZeRO-3 checkpoint saved by ``world`` ranks at EP
-    ``ep``, keyed by the unsharded model's names (experts stacked [E, ...]); bit-exact.
+    """(module, fp32 masters, optimizer state by key (Adam's exp_avg, exp_avg_sq), Adam step) of
+    a ZeRO-3 checkpoint saved by ``world`` ranks at EP ``ep``, keyed by the unsharded model's
+    names (experts stacked [E, ...]); bit-exact.
 
     Raises ValueError naming the file when the partitions do not add up.
     """
@@ -88,6 +89,9 @@ def read_zero3(
                 f"{where}: {len(flats)} fp32 partitions, {len(groups)} parameter groups, "
                 f"{len(state_ids)} optimizer states"
             )
+        # sub group i is optimizer state i: stage 3 appends the sub groups' flat partitions to
+        # their param groups in order (sub groups never interleave param groups; the sizes are
+        # checked below, so a different order fails loudly)
         for i, (names, flat) in enumerate(zip(groups, flats, strict=True)):
             ranks = tuple(meta[i]["partition_ranks"]) if meta else tuple(range(world))
             gstate = base["state"].get(state_ids[i], {})
