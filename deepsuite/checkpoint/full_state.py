@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from deepsuite.checkpoint.layout import optim_states_file
 from deepsuite.checkpoint.zero3 import read_zero3
 from deepsuite.config import Config, config_from_dict
 from deepsuite.distributed.engine import safe_torch_load
@@ -105,7 +106,7 @@ def _read_zero12(tag_dir: Path, dense: dict, world: int, ep: int, st: FullState)
     frags: dict[str, dict[str, dict[int, list]]] = defaultdict(lambda: defaultdict(dict))
     steps = set()
     for r in range(world):
-        sd = safe_torch_load(tag_dir / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+        sd = safe_torch_load(optim_states_file(tag_dir, r))
         osd = sd["optimizer_state_dict"]
         base = osd["base_optimizer_state"]
         for i, mapping in enumerate(osd["param_slice_mappings"]):

@@ -47,6 +47,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def optim_states_file(tag_dir: Path, rank: int) -> Path:
+    """Rank ``rank``'s ZeRO optimizer-state file; DeepSpeed prefixes it ``bf16_`` in bf16 runs."""
+    name = f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+    for path in (tag_dir / name, tag_dir / f"bf16_{name}"):
+        if path.is_file():
+            return path
+    raise ValueError(f"checkpoint {tag_dir}: neither {name} nor bf16_{name} found")
+
+
 def write_manifest(tag_dir: Path) -> None:
     """Record every file of a finished checkpoint; call on one rank after all ranks have written."""
     files = {

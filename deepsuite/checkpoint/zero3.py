@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from deepsuite.checkpoint.layout import optim_states_file
 from deepsuite.distributed.engine import safe_torch_load
 from deepsuite.distributed.expert_shard import full_name, is_expert_name, stack_expert_slices
 
@@ -56,7 +57,7 @@ def unpartition(chunks: list[Tensor], shape: torch.Size) -> Tensor:
 
 def _rank_files(tag_dir: Path, r: int) -> tuple[dict, dict]:
     model = safe_torch_load(tag_dir / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
-    optim = safe_torch_load(tag_dir / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+    optim = safe_torch_load(optim_states_file(tag_dir, r))
     return model, optim["optimizer_state_dict"]
 
 

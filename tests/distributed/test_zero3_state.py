@@ -5,7 +5,8 @@ chosen odd so stage 3 pads the last partition of every parameter (dense ones ove
 EP rank's 3 experts over its 2-rank expert-data-parallel group). DeepSpeed's own full-state
 getters (``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state``, which all-gather the
 partitions) are the reference for what :func:`load_full_state` wrote; the engine's own save, read
-offline by :func:`read_full_state`, must give the poured state back. The training runs that
+offline by :func:`read_full_state`, must give the poured state back, in fp32 and in bf16 (bf16
+weights beside fp32 masters, the balancing bias float32). The training runs that
 resume across ZeRO 3 and 1 are in test_reshard.py.
 """
 
@@ -36,8 +37,9 @@ class OddNet(nn.Module):
         self.head = nn.Linear(D, 3)
 
 
-def _state():
-    """A FullState unlike any initialisation: random weights, bias, moments; Adam step 3."""
+def _state(bf16: bool):
+    """A FullState unlike any initialisation: random weights, bias, moments; Adam step 3. In bf16
+    the module holds the masters rounded to bf16 (what stage 3 copies after each step)."""
     from deepsuite.checkpoint.full_state import FullState
 
     g = torch.Generator().manual_seed(11)
@@ -52,10 +54,12 @@ def _state():
         "exp_avg_sq": {n: torch.rand(module[n].shape, generator=g) for n in params},
     }
     fp32 = {n: module[n] for n in params}
+    if bf16:
+        module.update({n: fp32[n].to(torch.bfloat16) for n in params})
     return FullState(module, fp32, moments, adam_step=3, lr_last_epoch=0, counters={})
 
 
-def _worker(rank: int, world: int, tmp: str) -> dict:
+def _worker(rank: int, world: int, tmp: str, bf16: bool) -> dict:
     import deepspeed
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
@@ -70,12 +74,17 @@ def _worker(rank: int, world: int, tmp: str) -> dict:
     )
     from deepsuite.distributed.expert_shard import expert_slices, full_name
 
-    state = _state()
+    state = _state(bf16)
     model = OddNet()
     apply_expert_parallel(model, setup_expert_parallel(EP, E), zero_stage=3)
     opt = torch.optim.AdamW(moe_param_groups(model, 0.01), lr=1e-3)
     zero = {"stage": 3, "stage3_param_persistence_threshold": 0}  # partition even tiny ones
-    cfg = {"train_batch_size": world, "zero_optimization": zero, "steps_per_print": 10**9}
+    cfg = {
+        "train_batch_size": world,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+    }
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     load_full_state(engine, model, state)
 
@@ -113,8 +122,9 @@ def _worker(rank: int, world: int, tmp: str) -> dict:
     return {"wrong": wrong, "padded": padded, "step": back.adam_step, "layout": back.layout}
 
 
-def test_zero3_state_poured_and_read_back_bitwise(tmp_path):
-    results = run_ranks(_worker, 4, str(tmp_path), init="deepspeed", timeout_s=600)
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_zero3_state_poured_and_read_back_bitwise(tmp_path, bf16):
+    results = run_ranks(_worker, 4, str(tmp_path), bf16, init="deepspeed", timeout_s=600)
     for r in results:
         assert r["wrong"] == []
         assert r["step"] == 3 and r["layout"] == {"world": 4, "ep": EP, "zero": 3}
