@@ -36,7 +36,7 @@ from deepsuite.checkpoint.pretrained import (
     find_pretrained,
     load_pretrained_weights,
 )
-from deepsuite.checkpoint.run import check_resume_layout, will_resume
+from deepsuite.checkpoint.run import will_resume
 from deepsuite.checkpoint.validate import check_resume
 from deepsuite.config import Config, ConfigError, ParallelConfig
 from deepsuite.data import (
@@ -148,8 +148,6 @@ def validate_before_launch(cfg: Config, env: DistEnv) -> None:
     check_logging(cfg)
     check_resume(cfg)
     validate_deepspeed_json(cfg)  # the JSON's ZeRO stage and options against the YAML
-    here = {"world": env.world_size, "ep": cfg.parallel.ep, "zero": resolved_zero_stage(cfg)}
-    check_resume_layout(cfg.train.resume, Path(cfg.train.run_dir) / "checkpoints", here)
     validate_data_config(  # reads the source's first record and the tokenizer
         cfg.data,
         model_max_seq_len=cfg.model.max_seq_len,
