@@ -1,10 +1,21 @@
 #!/usr/bin/env bash
-# One prepared GPU run (the `run` device tool, or any one-GPU CUDA machine with torch):
-#   MFU of the MoE layer (grouped-GEMM bf16 path vs loop path vs dense floor) and of a
-#   deepseek_1b training step, the trainer's CUDA smoke test (tests/training/test_gpu_smoke.py),
-#   then the MoE peer table in bf16. Tables go to $OUT (or ./gpu_out).
-# Installs nothing: pure-Python omegaconf, DeepSpeed and datasets for the smoke test, and the peers
-# travel in .cache/gpu_carry (benchmarks/prepare_gpu_carry.sh builds it).
+# One prepared GPU run (the `run` device tool, or any one-GPU CUDA machine with torch), what is
+# owed first; tables go to $OUT (or ./gpu_out):
+#   1. the GPU-marked tests: no synchronising CUDA call in a step (sync debug mode), CUDA graphs
+#      capture a MoE block, FlexAttention gradients == the dense mask's, grouped_mm bf16 == the
+#      reference;
+#   2. host reads / aten ops / CUDA syncs per MoE layer and training step, now vs feba6bf;
+#   3. MFU of the MoE layer (grouped-GEMM bf16 path, compiled, loop path, dense floor) at 4096 and
+#      16384 tokens; of a deepseek_1b training step with fp32 master weights under bf16 autocast,
+#      eager and compiled (train.compile's per-block compile);
+#   4. the trainer's CUDA smoke test (tests/training/test_gpu_smoke.py: EP over every local GPU
+#      on nccl, DeepSpeed on CUDA, a few steps);
+#   5. the 1B step with bf16 weights, then the MoE peer table in bf16.
+# Every step's timeout is cut to what is left of BUDGET seconds (570: one call of the device
+# tool), so a slow step costs the later ones, not the run; a step that no longer fits says so.
+# Installs nothing: omegaconf, pytest, hypothesis, the peers, the feba6bf tree, and DeepSpeed and
+# datasets for the smoke test travel in .cache/gpu_carry (benchmarks/prepare_gpu_carry.sh).
+# SMALL=1: tiny sizes on the CPU, a smoke test of this script (the GPU tests skip).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -12,30 +23,45 @@ PY=${PYTHON:-python3}
 CARRY=.cache/gpu_carry
 export PYTHONPATH="$PWD:$PWD/$CARRY/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export DEEPSUITE_PEERS="$PWD/$CARRY" HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
-SMALL=${SMALL:-0}  # 1: tiny sizes (a CPU smoke test of this script)
+SMALL=${SMALL:-0}
 {
   nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"
   $PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
   $PY -c "import deepspeed" 2>/dev/null && echo "deepspeed present" || echo "deepspeed absent"
 } 2>&1 | tee "$OUT/env.txt"
-if [ "$SMALL" = 1 ]; then
-  MFU_ARGS=(--tiny --device cpu); PEER_ARGS=(--device cpu --tokens 256 --experts 8 --top-k 2 --repeats 1)
+BEFORE=$CARRY/before_feba6bf; [ -d "$BEFORE" ] || BEFORE=feba6bf  # a git revision where git is
+if [ "$SMALL" = 1 ]; then  # inductor on 2 CPU cores takes minutes per compiled step
+  BUDGET=${BUDGET:-3000}; DEV=cpu; MFU_ARGS=(--tiny --device cpu); HR_ARGS=(--tokens 256)
+  PEER_ARGS=(--device cpu --tokens 256 --experts 8 --top-k 2 --repeats 1)
 else
-  MFU_ARGS=(--tokens 4096,16384 --batch 4); PEER_ARGS=(--device cuda --tokens 16384 --repeats 10 --warmup 3)
+  BUDGET=${BUDGET:-570}; DEV=cuda; MFU_ARGS=(--tokens 4096,16384 --batch 4); HR_ARGS=()
+  PEER_ARGS=(--device cuda --tokens 16384 --repeats 10 --warmup 3)
 fi
-timeout 120 $PY benchmarks/mfu.py --mode moe --dtype bf16 "${MFU_ARGS[@]}" 2>&1 \
-  | grep -v -e Warning -e '^  ' | tee "$OUT/mfu.txt"
-# training step: bf16 weights (the grouped_mm path); then fp32 master weights under autocast
-# (failed on 2026-11-28 before commit 0331fc8 made the grouped path cast fp32 expert weights)
-timeout 100 $PY benchmarks/mfu.py --mode train --bf16-params --dtype bf16 "${MFU_ARGS[@]}" 2>&1 \
-  | grep -v -e Warning -e '^  ' | tee -a "$OUT/mfu.txt"
-timeout 100 $PY benchmarks/mfu.py --mode train --dtype bf16 "${MFU_ARGS[@]}" 2>&1 \
-  | grep -v -e Warning -e '^  ' | tail -4 | tee -a "$OUT/mfu.txt"
-# the trainer's CUDA path: EP over every local GPU on nccl, a few steps (DeepSpeed, datasets and
-# their dependencies that the image lacks come from the carry)
-PYTHONPATH="$PYTHONPATH:$PWD/$CARRY/train" timeout 300 $PY -m pytest -q -rs -m gpu \
-  -p no:cacheprovider tests/training/test_gpu_smoke.py 2>&1 | tail -15 | tee "$OUT/gpu_smoke.txt"
-timeout 150 $PY benchmarks/moe_peers.py --dtype bf16 --timeout 60 \
+quiet() { grep -v -e Warning -e '^  '; }
+last() { tail -"$1"; }
+# step CAP FILE FILTER... -- CMD...: CMD under timeout min(CAP, time left), filtered, appended to FILE
+step() {
+  local cap=$1 file=$OUT/$2 left=$((BUDGET - SECONDS)) filter=(); shift 2
+  while [ "$1" != -- ]; do filter+=("$1"); shift; done; shift
+  if [ "$left" -lt 30 ]; then echo "not run (${left}s of BUDGET left): $*" | tee -a "$file"; return; fi
+  [ "$cap" -gt "$left" ] && cap=$left
+  timeout "$cap" "$@" 2>&1 | "${filter[@]}" | tee -a "$file"
+  [ "${PIPESTATUS[0]}" = 124 ] && echo "timed out after ${cap}s: $*" | tee -a "$file"
+}
+step 200 gpu_tests.txt last 15 -- $PY -m pytest -q -p no:cacheprovider -m gpu -rs \
+  tests/models/test_host_reads.py tests/models/test_compile.py tests/layers/test_doc_mask.py \
+  tests/layers/test_moe_layer.py
+step 120 host_reads.txt quiet -- $PY benchmarks/host_reads.py --device $DEV --before "$BEFORE" \
+  --where "${HR_ARGS[@]}"
+step 150 mfu.txt quiet -- $PY benchmarks/mfu.py --mode moe --dtype bf16 --compile "${MFU_ARGS[@]}"
+# training step: fp32 master weights under bf16 autocast, eager then compiled
+step 90 mfu.txt quiet -- $PY benchmarks/mfu.py --mode train --dtype bf16 "${MFU_ARGS[@]}"
+step 200 mfu.txt quiet -- $PY benchmarks/mfu.py --mode train --dtype bf16 --compile "${MFU_ARGS[@]}"
+# the trainer on CUDA (DeepSpeed, datasets and what the image lacks come from the carry)
+PYTHONPATH="$PYTHONPATH:$PWD/$CARRY/train" step 150 gpu_smoke.txt last 15 -- $PY -m pytest -q \
+  -rs -m gpu -p no:cacheprovider tests/training/test_gpu_smoke.py
+step 60 mfu.txt quiet -- $PY benchmarks/mfu.py --mode train --bf16-params --dtype bf16 "${MFU_ARGS[@]}"
+step 120 moe_peers_gpu.txt cat -- $PY benchmarks/moe_peers.py --dtype bf16 --timeout 60 \
   --variants ours,dense,hf,hf_grouped,titan,seed_eff,seed_loop,deepspeed "${PEER_ARGS[@]}" \
-  --json "$OUT/moe_peers_gpu.json" 2>&1 | tee "$OUT/moe_peers_gpu.txt"
-echo "gpu_run done"
+  --json "$OUT/moe_peers_gpu.json"
+echo "gpu_run done in ${SECONDS}s"

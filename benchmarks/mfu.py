@@ -12,6 +12,8 @@ Modes:
          and the dense SwiGLU of the same active FLOPs, bf16 parameters;
   train  DeepSeekLM(config) forward+backward+AdamW, fp32 master weights under bf16 autocast,
          no DeepSpeed (single process).
+--compile adds "ours compiled" (torch.compile(fullgraph=True)) to the MoE rows and compiles the
+training step's blocks (``apply_compile``, what train.compile=true does).
 
     python3 benchmarks/mfu.py --mode moe,train --config configs/deepseek_1b.yaml   # on a GPU
     .venv/bin/python benchmarks/mfu.py --device cpu --dtype fp32 --tiny             # CPU smoke
@@ -37,6 +39,7 @@ from deepsuite.layers.moe import DeepSeekMoE  # noqa: E402
 from deepsuite.models.deepseek import DeepSeekLM  # noqa: E402
 from deepsuite.planner.params import param_breakdown  # noqa: E402
 from deepsuite.planner.plan import forward_flops_per_token  # noqa: E402
+from deepsuite.training.compile import apply_compile  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -88,6 +91,9 @@ def bench_moe(a: argparse.Namespace, dev: torch.device, shape: tuple[int, ...]) 
         t = _timeit(lambda: step(lambda i: moe(i)[0], moe), dev, a.warmup, a.repeats)
         rows.append((name, t))
     moe.experts.use_grouped_mm = None
+    if a.compile:
+        fn = torch.compile(lambda i: moe(i)[0], fullgraph=True)
+        rows.append(("ours compiled", _timeit(lambda: step(fn, moe), dev, a.warmup, a.repeats)))
     rows.append(("dense floor", _timeit(lambda: step(dense, dense), dev, a.warmup, a.repeats)))
     flops = moe_flops(T, D, E, F, K, S)
     return [(f"T={T} D={D} E={E}x{F} K={K} S={S}", n, t, flops) for n, t in rows]
@@ -106,6 +112,8 @@ def bench_train(a: argparse.Namespace, dev: torch.device) -> tuple[str, float, f
     if a.loop_experts:
         for m in model.moe_layers():
             m.experts.use_grouped_mm = False
+    if a.compile:
+        apply_compile(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
     V = cfg.model.vocab_size
     ids = torch.randint(0, V, (B, L + 1), device=dev)
@@ -142,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--bf16-params", action="store_true", help="train: bf16 weights, no autocast")
     ap.add_argument("--loop-experts", action="store_true", help="train: experts on the loop path")
+    ap.add_argument("--compile", action="store_true", help="also / only compiled (see above)")
     ap.add_argument("--tiny", action="store_true", help="small sizes for a CPU smoke run")
     a = ap.parse_args(argv)
     dev = torch.device(a.device)
@@ -188,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     if "train" in modes:
         what, t, flops, n = bench_train(a, dev)
         var = "bf16 weights" if a.bf16_params else f"{a.dtype} autocast"
+        var += ", compiled" if a.compile else ""
         row(what + (" loop experts" if a.loop_experts else ""), var, t, flops)
         print(f"train: {n / 1e9:.3f}B parameters")
         if dev.type == "cuda":

@@ -24,12 +24,19 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from deepsuite.errors import ConfigError
 from deepsuite.layers.moe.balance import GammaSchedule
 from deepsuite.layers.moe.options import BalanceOptions, RoutingOptions, balance_of, routing_of
 
-
-class ConfigError(ValueError):
-    """A config value or key is wrong; the message names the dotted key and what is allowed."""
+__all__ = [
+    "Config",
+    "ConfigError",  # defined in deepsuite.errors (one base class for every user-facing error)
+    "ModelArgs",
+    "config_from_dict",
+    "expert_parallel_sizes",
+    "load_config",
+    "validate_expert_parallel",
+]
 
 
 def _check(ok: bool, key: str, expected: str, got: Any) -> None:
@@ -301,6 +308,9 @@ class DataConfig:
     source: str = "builtin"
     builtin_parts: list[str] = field(default_factory=lambda: ["docs", "source"])
     text_field: str = "text"
+    # how a .txt file splits into documents: "blank_line" (a blank line ends one), "line" (one
+    # per line) or "file" (the whole file is one document); other formats have one per record
+    document_separator: str = "blank_line"
     tokenizer: str = "byte"
     bpe_vocab_size: int = 4096
     seq_len: int = 128
@@ -313,8 +323,17 @@ class DataConfig:
     # packed documents attend only within themselves and their positions restart at each one
     # (Megatron's --reset-attention-mask --reset-position-ids); off: plain causal over the row
     document_masking: bool = False
+    # "text": every token of every document is a target (pre-training); "sft": json/jsonl records
+    # of prompt/completion or chat messages, the loss on completion (assistant) tokens only
+    format: str = "text"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    messages_field: str = "messages"
 
     def __post_init__(self) -> None:
+        _one_of("data.format", self.format, ["text", "sft"])
+        for name in ("text_field", "prompt_field", "completion_field", "messages_field"):
+            _check(bool(getattr(self, name)), f"data.{name}", "a column name", getattr(self, name))
         _positive("data", self, "seq_len", "bpe_vocab_size", "num_proc")
         _non_negative("data", self, "max_documents")
         _check(
@@ -331,6 +350,7 @@ class DataConfig:
         )
         for part in self.builtin_parts:
             _one_of("data.builtin_parts[]", part, ["docs", "source"])
+        _one_of("data.document_separator", self.document_separator, ["blank_line", "line", "file"])
 
 
 @dataclass
@@ -382,12 +402,21 @@ class TrainConfig:
     )
     # "full": keep only each block's input, recompute the block (all-to-all included) in backward
     activation_checkpointing: str = "none"
+    # start from these weights (a Hugging Face DeepSeek-V2/V3 directory, a deepsuite export or
+    # run): the architecture keys left at their default are taken from it, the others must match;
+    # read only when the run has no checkpoint of its own to resume
+    init_from: str = ""
+    # torch.compile each transformer block (deepsuite.training.compile.apply_compile); the
+    # backend "inductor" generates kernels, "aot_eager" only traces (a quick check of the graphs)
+    compile: bool = False
+    compile_backend: str = "inductor"
 
     def __post_init__(self) -> None:
         _positive("train", self, "steps", "micro_batch_size", "global_batch_size", "keep_last")
         _non_negative("train", self, "eval_every", "eval_batches", "save_every", "stop_at_step")
         _one_of("train.precision", self.precision, ["fp32", "bf16"])
         _one_of("train.activation_checkpointing", self.activation_checkpointing, ["none", "full"])
+        _one_of("train.compile_backend", self.compile_backend, ["inductor", "aot_eager"])
         _check(
             self.resume in ("auto", "never") or bool(self.resume),
             "train.resume",
@@ -523,23 +552,42 @@ def _clean_message(err: OmegaConfBaseException) -> str:
     return f"{key}: {reason}" if key else reason
 
 
-def _yaml_chain(path: Path, seen: tuple[Path, ...]) -> list[dict[str, Any]]:
+def _yaml_chain(path: Path, seen: tuple[Path, ...]) -> list[tuple[Path, dict[str, Any]]]:
     """The YAML mappings to merge, base first: a file may name another in ``extends:`` (a path
     relative to itself) and override only what differs."""
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        what = "a directory" if path.is_dir() else "not found"
+        raise ConfigError(
+            f"config file {path}: {what}; expected a YAML file such as configs/tiny.yaml"
+        )
     if path.resolve() in seen:
         raise ConfigError(f"{path}: 'extends' forms a cycle through {[str(p) for p in seen]}")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = _read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     base = data.pop("extends", None)
     data.setdefault("name", path.stem)
     if base is None:
-        return [data]
+        return [(path, data)]
     if not isinstance(base, str):
         raise ConfigError(f"{path}: extends: expected a path to another YAML file, got {base!r}")
-    return [*_yaml_chain(path.parent / base, (*seen, path.resolve())), data]
+    return [*_yaml_chain(path.parent / base, (*seen, path.resolve())), (path, data)]
+
+
+def _read_yaml(path: Path) -> Any:
+    """``yaml.safe_load`` of a file, a syntax error naming the file, line and column."""
+    try:
+        with path.open(encoding="utf-8") as f:  # a stream, so YAML's marks carry the file name
+            return yaml.safe_load(f)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = " ".join(
+            str(p) for p in (getattr(err, "context", None), getattr(err, "problem", None)) if p
+        )
+        raise ConfigError(f"{path}{where}: invalid YAML: {what or err}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
@@ -548,16 +596,25 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
     Raises :class:`ConfigError` naming the key for unknown keys, wrong types and bad values.
     """
-    layers = [OmegaConf.structured(Config)]
+    layers: list[tuple[str, Any]] = []  # (where it came from, its mapping), base first
     if path is not None:
-        layers += [OmegaConf.create(d) for d in _yaml_chain(Path(path), seen=())]
+        chain = _yaml_chain(Path(path), seen=())
+        layers += [(str(source), data) for source, data in chain]
     for item in overrides:
-        if "=" not in item:
+        if "=" not in item or item.startswith("="):
             raise ConfigError(f"override {item!r}: expected the form key.sub=value")
-    if overrides:
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        try:  # each on its own, so a value YAML cannot parse is named
+            layers.append((f"override {item!r}", OmegaConf.from_dotlist([item])))
+        except (OmegaConfBaseException, yaml.YAMLError) as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"override {item!r}: cannot parse the value ({problem})") from None
+    merged = OmegaConf.structured(Config)
     try:
-        merged = OmegaConf.merge(*layers)
+        for source, data in layers:  # one at a time, so an error names the file it is in
+            try:
+                merged = OmegaConf.merge(merged, data)
+            except OmegaConfBaseException as err:
+                raise ConfigError(f"{source}: {_clean_message(err)}") from None
         if OmegaConf.is_missing(merged, "name"):
             merged.name = "default"
         cfg = OmegaConf.to_object(merged)

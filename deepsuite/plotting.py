@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from deepsuite.errors import DataError
 from deepsuite.runlog import (
     iter_scalar_series,
     latest_loads,
@@ -374,9 +375,10 @@ def plot_main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         paths = write_plots(args.run_dir, args.out, layer=args.layer, dpi=args.dpi)
-    except ValueError as e:
-        print(f"deepsuite plot: {e}")
-        return 2
+    except DataError:
+        raise
+    except ValueError as e:  # names the run directory or the option; the boundary prints it
+        raise DataError(str(e)) from e
     for p in paths:
         print(p)
     return 0

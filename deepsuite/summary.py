@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from deepsuite.errors import DataError
 from deepsuite.runlog import iter_scalar_series, last_scalar, layer_ids, read_metrics, window_steps
 
 __all__ = ["format_summary", "summarize", "summary_main"]
@@ -139,8 +140,9 @@ def summary_main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         s = summarize(args.run_dir, top=args.top)
-    except ValueError as e:
-        print(f"deepsuite summary: {e}")
-        return 2
+    except DataError:
+        raise
+    except ValueError as e:  # the run log's reader names the file; the boundary prints it
+        raise DataError(str(e)) from e
     print(json.dumps(s, indent=2) if args.json else format_summary(s))
     return 0

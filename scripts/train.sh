@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source scripts/env.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-torchrun --standalone --nproc_per_node 2 train/train.py configs/tiny.yaml "$@"
+# deepsuite torchrun is torchrun, with bad input ending in one line per rank (no torchrun traceback)
+deepsuite torchrun --standalone --nproc_per_node 2 train/train.py configs/tiny.yaml "$@"
 deepsuite summary runs/tiny
 deepsuite plot runs/tiny

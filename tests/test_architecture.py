@@ -15,21 +15,24 @@ PKG = ROOT / "deepsuite"
 ALLOWED: dict[str, set[str]] = {
     "layers": set(),
     "atomic": set(),
-    "runlog": {"atomic"},
-    "config": {"layers"},
-    "plotting": {"runlog"},
-    "summary": {"runlog"},
-    "distributed": {"layers", "config"},
-    "data": {"config", "atomic"},
-    "models": {"layers", "config", "distributed"},
-    "planner": {"layers", "config", "distributed", "models"},
-    "checkpoint": {"layers", "config", "distributed", "models", "atomic"},
+    "host_sync": set(),
+    "errors": set(),
+    "runlog": {"atomic", "errors"},
+    "config": {"layers", "errors"},
+    "plotting": {"runlog", "errors"},
+    "summary": {"runlog", "errors"},
+    "distributed": {"layers", "config", "errors"},
+    "data": {"config", "atomic", "layers", "errors"},  # layers.attention.doc_mask: docs/architecture.md
+    "models": {"layers", "config", "distributed", "errors"},
+    "planner": {"layers", "config", "distributed", "models", "errors"},
+    "checkpoint": {"layers", "config", "distributed", "models", "atomic", "errors"},
     "training": {
         "layers", "config", "distributed", "models", "data", "checkpoint", "atomic", "runlog",
-        "plotting",
+        "plotting", "errors",
     },
     "cli": {
-        "config", "models", "training", "plotting", "summary", "planner", "checkpoint",
+        "config", "models", "training", "plotting", "summary", "planner", "checkpoint", "data",
+        "errors",
     },
 }  # fmt: skip
 # the model definition itself: layers and its config only (parallelism is applied from outside)

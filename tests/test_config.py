@@ -42,6 +42,11 @@ def test_shipped_configs_load(path):
             ["train.activation_checkpointing=selective"],
             "train.activation_checkpointing: expected one of ['none', 'full']",
         ),
+        (["train.compile=maybe"], "train.compile"),
+        (
+            ["train.compile_backend=tvm"],
+            "train.compile_backend: expected one of ['inductor', 'aot_eager']",
+        ),
         (["moe.n_expert_per_token=20", "moe.n_routed_experts=16"], "moe.n_expert_per_token"),
         (["moe.n_group=3"], "moe.n_group: expected a divisor of moe.n_routed_experts"),
         (["moe.n_group=4", "moe.topk_group=5"], "moe.topk_group"),
@@ -51,6 +56,7 @@ def test_shipped_configs_load(path):
         (["train.global_batch_size=12", "train.micro_batch_size=8"], "train.global_batch_size"),
         (["parallel.zero_stage=4"], "parallel.zero_stage"),
         (["logging.wandb=maybe"], "logging.wandb"),
+        (['data.prompt_field=""'], "data.prompt_field: expected a column name, got ''"),
         (["train.steps"], "key.sub=value"),
     ],
 )

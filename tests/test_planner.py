@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from deepsuite.cli import main as cli_main
 from deepsuite.config import load_config
 from deepsuite.models import count_parameters
 from deepsuite.planner import (
@@ -156,8 +157,8 @@ def test_rows_and_bytes_by_hand() -> None:
     assert rows_from_routing(ids, 8, 4) == [1, 1, 0, 2]
     send, recv = [1, 1, 0, 2], [3, 0, 1, 2]
     D, K, item = 16, 2, 2
-    fwd, bwd = dispatcher_bytes(send, recv, D, K, item)
-    assert fwd == 4 * (32 + 16) + 6 * 32 + 4 * 8
+    fwd, bwd = dispatcher_bytes(send, recv, D, K, item, n_local=2)
+    assert fwd == 4 * (32 + 16) + 6 * 32 + 4 * (1 + 2) * 8  # the count table: P x (1 + L)
     assert bwd == 6 * (32 + 8) + 4 * 32
 
 
@@ -333,8 +334,8 @@ def test_plan_main_prints_and_exit_codes(capsys) -> None:
 )  # fmt: skip
 def test_nonsense_inputs_give_clear_errors(argv: list[str], needle: str, capsys) -> None:
     args = ["configs/tiny.yaml", "--gpus-per-node", "2", *argv]
-    assert plan_main(args) == 2
-    assert needle in capsys.readouterr().out
+    assert cli_main(["plan", *args]) == 2  # through the error boundary
+    assert needle in capsys.readouterr().err
 
 
 def test_layout_errors_name_the_setting() -> None:

@@ -207,14 +207,14 @@ def _check_a2a(results: list[dict], world: int, ep: int) -> None:
                 send = {r: rows_from_routing(recs[r][key][layer][0], E, ep) for r in members}
                 for r in members:
                     recv = [send[s][r - group0] for s in members]
-                    fwd, _ = dispatcher_bytes(send[r], recv, D, K, 4)
+                    fwd, _ = dispatcher_bytes(send[r], recv, D, K, 4, E // ep)
                     assert fwd == recs[r][key][layer][1], (key, layer, r, fwd)
     # balanced: after the bias has worked, measured bytes vs the estimate for T = B*S tokens
     lay = Layout(1, world, ep, 0, B, S, B * world, "fp32")
     _, rows_P, _ = balanced_rows_per_token(cfg, lay)
     T = B * S
     send = [round(float(x) * T) for x in rows_P]
-    expect, _ = dispatcher_bytes(send, send, D, K, 4)
+    expect, _ = dispatcher_bytes(send, send, D, K, 4, E // ep)
     got = [b for rec in recs for _, b in rec["last"]]
     mean = sum(got) / len(got)
     assert abs(mean - expect) <= 0.10 * expect, (mean, expect, got)

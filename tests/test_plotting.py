@@ -10,6 +10,8 @@ import struct
 import numpy as np
 import pytest
 
+from deepsuite.cli import main as cli_main
+
 pytest.importorskip("matplotlib")
 
 from matplotlib import colormaps
@@ -177,8 +179,8 @@ def test_plot_main_writes_pngs_of_the_expected_size(tmp_path, capsys):
     assert plot_main([str(tmp_path / "run"), "--out", str(tmp_path / "o"), "--layer", "4"]) == 0
     assert _png_size(tmp_path / "o" / "layer4_load_steps.png") == (1000, 500)
     assert not (tmp_path / "o" / "layer3_bias.png").exists()
-    assert plot_main([str(tmp_path / "run"), "--layer", "9"]) == 2
-    assert "layer: 9" in capsys.readouterr().out
+    assert cli_main(["plot", str(tmp_path / "run"), "--layer", "9"]) == 2  # the error boundary
+    assert "layer: 9 has no logged load" in capsys.readouterr().err
 
 
 def test_a_run_written_before_the_window_was_logged_still_plots(tmp_path):
@@ -196,6 +198,6 @@ def test_a_run_written_before_the_window_was_logged_still_plots(tmp_path):
 def test_plot_main_reports_a_run_without_moe_keys(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "time": 0.0, "loss/train": 2.0}\n')
     assert draw_all(read_metrics(tmp_path)) == {}
-    assert plot_main([str(tmp_path)]) == 2
-    assert "no moe/layer*/load" in capsys.readouterr().out
-    assert plot_main([str(tmp_path / "missing")]) == 2
+    assert cli_main(["plot", str(tmp_path)]) == 2  # through the error boundary
+    assert "no moe/layer*/load" in capsys.readouterr().err
+    assert cli_main(["plot", str(tmp_path / "missing")]) == 2

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from deepsuite.cli import main as cli_main
 from deepsuite.summary import format_summary, summarize, summary_main
 
 
@@ -77,7 +78,8 @@ def test_summary_main_text_json_and_errors(tmp_path, capsys):
     assert summary_main([str(tmp_path), "--json", "--top", "1"]) == 0
     js = json.loads(capsys.readouterr().out)
     assert js["layers"][0]["hottest"] == [[0, 2.0]]
-    assert summary_main([str(tmp_path / "nope")]) == 2
-    assert "no metrics file" in capsys.readouterr().out
+    assert cli_main(["summary", str(tmp_path / "nope")]) == 2  # through the error boundary
+    err = capsys.readouterr().err
+    assert "deepsuite summary: error:" in err and "no metrics file" in err
     with pytest.raises(ValueError, match="top"):
         summarize(tmp_path, top=0)

@@ -1,6 +1,6 @@
 """The offline converter: ``deepsuite reshard SRC DST --ep N`` writes a checkpoint for another
-expert-parallel size, world size or ZeRO stage ahead of time (weights, balancing bias, Adam
-moments, LR schedule position, data position and trainer state kept).
+expert-parallel size, world size or ZeRO stage (0-3, ZeRO 3 either way) ahead of time (weights,
+balancing bias, Adam moments, LR schedule position, data position and trainer state kept).
 
 It reads the source into one full state (:mod:`deepsuite.checkpoint.full_state`), spawns the
 target's N gloo ranks, each of which builds the target engine, pours the state in
@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +25,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from deepsuite.checkpoint import layout
-from deepsuite.checkpoint.full_state import FullState, read_full_state, refuse_zero3, saved_layout
+from deepsuite.checkpoint.full_state import FullState, dense_states_file, read_full_state
 from deepsuite.checkpoint.load import load_full_state
 from deepsuite.config import config_from_dict, validate_expert_parallel
 from deepsuite.distributed.engine import build_engine, safe_torch_load
 from deepsuite.distributed.env import init_distributed
 from deepsuite.distributed.expert_parallel import apply_expert_parallel
 from deepsuite.distributed.groups import setup_expert_parallel
+from deepsuite.errors import CheckpointError, run_main
 from deepsuite.models import DeepSeekLM
 
 __all__ = ["reshard_checkpoint", "reshard_main"]
@@ -58,7 +61,9 @@ def _convert_rank(rank: int, world: int, port: int, job: dict[str, Any]) -> None
         model = DeepSeekLM(cfg)
         if cfg.parallel.ep > 1:
             groups = setup_expert_parallel(cfg.parallel.ep, cfg.moe.n_routed_experts)
-            apply_expert_parallel(model, groups, check_replicated=False)
+            apply_expert_parallel(
+                model, groups, zero_stage=job["zero_stage"], check_replicated=False
+            )
         engine = build_engine(cfg, model, job["ds_config"])
         raw = torch.load(job["state_file"], map_location="cpu", weights_only=True)
         load_full_state(engine, model, FullState(**raw))
@@ -92,42 +97,51 @@ def reshard_checkpoint(
         ep: target expert-parallel size (divides moe.n_routed_experts and ``world``).
         world: target world size; the global batch must split over it (train.micro_batch_size
             is lowered when needed, keeping the global batch).
-        zero_stage: target ZeRO stage (0, 1, 2); default the source's.
+        zero_stage: target ZeRO stage (0, 1, 2, 3); default the source's.
     """
     src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise CheckpointError(
+            f"src: {src} {'is a file' if src.exists() else 'does not exist'}; expected a "
+            "checkpoints directory (RUN_DIR/checkpoints) or one step_N tag in it"
+        )
+    if dst.exists() and not dst.is_dir():
+        raise CheckpointError(f"dst: {dst} is a file; expected a directory to write")
     if not (src / "trainer_state.json").is_file():
         tag = tag or layout.find_resumable(src)
         if tag is None:
-            raise ValueError(f"src: no complete checkpoint under {src}")
+            raise CheckpointError(f"src: no complete checkpoint under {src}")
         src = src / tag
     reason = layout.verify_checkpoint(src)
     if reason is not None:
-        raise ValueError(f"src: {src} is not a complete checkpoint: {reason}")
-    refuse_zero3(src, saved_layout(src))
+        raise CheckpointError(f"src: {src} is not a complete checkpoint: {reason}")
     world = ep if world is None else world
     trainer_state = layout.read_trainer_state(src)
     cfg = config_from_dict(trainer_state["config"])
     validate_expert_parallel(cfg.moe.n_routed_experts, world, ep)
-    if zero_stage not in (None, 0, 1, 2):
-        raise ValueError(
-            f"zero_stage: expected 0, 1 or 2 (resharding to ZeRO 3 is not supported yet), "
-            f"got {zero_stage!r}"
-        )
+    if zero_stage not in (None, 0, 1, 2, 3):
+        raise CheckpointError(f"zero_stage: expected 0, 1, 2 or 3, got {zero_stage!r}")
     if dst.resolve() == src.parent.resolve():
-        raise ValueError("dst: must differ from the source's checkpoints directory")
+        raise CheckpointError("dst: must differ from the source's checkpoints directory")
     cfg.parallel.ep = ep
     cfg.parallel.limit_groups_to = "experts"  # placement is the trainer's check, routing is kept
     tr = cfg.train
     while tr.global_batch_size % (tr.micro_batch_size * world) and tr.micro_batch_size > 1:
         tr.micro_batch_size -= 1
     cfg.check_world(world)
-    dense = safe_torch_load(src / "mp_rank_00_model_states.pt")
+    dense = safe_torch_load(dense_states_file(src))
     ds = dict(dense["ds_config"])
     ds["train_micro_batch_size_per_gpu"] = tr.micro_batch_size
     ds["gradient_accumulation_steps"] = cfg.grad_accumulation_steps(world)
     ds["train_batch_size"] = tr.global_batch_size
     if zero_stage is not None:
-        ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": zero_stage}
+        zero = dict(ds.get("zero_optimization", {}))
+        if (zero.get("stage", 0) == 3) != (zero_stage == 3):
+            # one side's stage-specific options mean nothing on the other: DeepSpeed's defaults
+            zero = {}
+            path = cfg.parallel.deepspeed_config  # the shipped JSON of the new stage, if it was one
+            cfg.parallel.deepspeed_config = re.sub(r"zero\d\.json$", f"zero{zero_stage}.json", path)
+        ds["zero_optimization"] = {**zero, "stage": zero_stage}
         cfg.parallel.zero_stage = zero_stage
     state = read_full_state(src)
     tag_name = src.name
@@ -143,6 +157,7 @@ def reshard_checkpoint(
         "state_file": str(state_file),
         "dst": str(dst),
         "tag": tag_name,
+        "zero_stage": int(ds.get("zero_optimization", {}).get("stage", 0)),
         "src_tag_dir": str(src),
         "trainer_state": trainer_state,
     }
@@ -162,15 +177,16 @@ def reshard_main(argv: list[str] | None = None) -> int:
     """``deepsuite reshard SRC DST --ep N [--world W] [--tag T] [--zero-stage S]``."""
     p = argparse.ArgumentParser(
         prog="deepsuite reshard",
-        description="Convert a training checkpoint to another expert-parallel size (Adam moments, "
-        "LR schedule, balancing bias, data position kept); resume with train.resume=DST.",
+        description="Convert a training checkpoint to another expert-parallel size, world size or "
+        "ZeRO stage 0-3 (Adam moments, LR schedule, balancing bias, data position kept); resume "
+        "with train.resume=DST.",
     )
     p.add_argument("src", help="checkpoints directory (newest complete tag) or one tag directory")
     p.add_argument("dst", help="checkpoints directory to write")
     p.add_argument("--ep", type=int, required=True, help="target expert-parallel size")
     p.add_argument("--world", type=int, default=None, help="target world size (default: --ep)")
     p.add_argument("--tag", default=None, help="tag under SRC (default: the newest complete one)")
-    p.add_argument("--zero-stage", type=int, default=None, choices=(0, 1, 2))
+    p.add_argument("--zero-stage", type=int, default=None, choices=(0, 1, 2, 3))
     a = p.parse_args(argv)
     out = reshard_checkpoint(a.src, a.dst, a.ep, a.world, a.tag, a.zero_stage)
     print(f"wrote {out} (ep={a.ep}, world={a.world or a.ep}); resume with train.resume={a.dst}")
@@ -178,4 +194,4 @@ def reshard_main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(reshard_main())
+    raise SystemExit(run_main(reshard_main, sys.argv[1:], "deepsuite reshard"))

@@ -12,11 +12,12 @@ our MoE layout (ExpertShard groups partitioned over the expert-data-parallel gro
 reader is written by hand from the ``param_slice_mappings`` DeepSpeed records (0.19, pinned <
 0.20: ``single_partition_of_fp32_groups``, ``base_optimizer_state``, ``param_shapes``).
 
-Adam moments are carried for ZeRO 0, 1 and 2 (fp32 master weights, exp_avg, exp_avg_sq, step),
-with the LR schedule position and the engine's step counters; the balancing bias is a persistent
-buffer of the module. A ZeRO-3 checkpoint resumes natively at its own layout (the engine's own
-load); reading or writing a ZeRO-3 layout here is refused with a message (:func:`refuse_zero3`,
-not yet supported).
+ZeRO 3 keeps every parameter only in per-rank partitions (dense ones over the world, experts over
+their expert-data-parallel group): :mod:`deepsuite.checkpoint.zero3` reassembles them.
+
+Adam moments are carried for every stage (fp32 master weights, exp_avg, exp_avg_sq, step), with
+the LR schedule position and the engine's step counters; the balancing bias is a persistent
+buffer of the module.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from deepsuite.config import Config, ConfigError, config_from_dict
+from deepsuite.checkpoint.layout import optim_states_file
+from deepsuite.checkpoint.zero3 import read_zero3
+from deepsuite.config import Config, config_from_dict
 from deepsuite.distributed.engine import safe_torch_load
 from deepsuite.distributed.expert_parallel import moe_param_groups
 from deepsuite.distributed.expert_shard import (
@@ -37,11 +40,13 @@ from deepsuite.distributed.expert_shard import (
     is_expert_name,
     shard_experts,
     split_deepspeed_key,
+    stack_expert_slices,
 )
+from deepsuite.errors import CheckpointError
 from deepsuite.layers.moe import DeepSeekMoE
 from deepsuite.models import DeepSeekLM
 
-__all__ = ["MOMENTS", "FullState", "read_full_state", "refuse_zero3", "saved_layout"]
+__all__ = ["MOMENTS", "FullState", "dense_states_file", "read_full_state", "saved_layout"]
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -67,18 +72,25 @@ class FullState:
     layout: dict[str, int] = field(default_factory=dict)
 
 
+def dense_states_file(tag_dir: Path) -> Path:
+    """The file holding the engine's ds_config, LR schedule and counters: ZeRO 0-2's one dense
+    file, or ZeRO 3's rank-0 module file (stage 3 writes one per rank)."""
+    dense_file = Path(tag_dir) / "mp_rank_00_model_states.pt"
+    if not dense_file.is_file():
+        dense_file = Path(tag_dir) / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    return dense_file
+
+
 def saved_layout(tag_dir: Path) -> dict[str, int]:
     """{'world': W, 'ep': ep, 'zero': stage} of a saved checkpoint (from trainer_state.json)."""
     tag_dir = Path(tag_dir)
     state_file = tag_dir / "trainer_state.json"
     if not state_file.is_file():
-        raise ValueError(f"checkpoint: {state_file} not found (not a deepsuite checkpoint tag)")
+        raise CheckpointError(
+            f"checkpoint: {state_file} not found (not a deepsuite checkpoint tag)"
+        )
     state = json.loads(state_file.read_text())
-    # ZeRO 0-2: one dense file; ZeRO 3: one per rank (module placeholders, the same ds_config)
-    dense_file = tag_dir / "mp_rank_00_model_states.pt"
-    if not dense_file.is_file():
-        dense_file = tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt"
-    dense = safe_torch_load(dense_file)
+    dense = safe_torch_load(dense_states_file(tag_dir))
     zero = int(dense.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
     return {
         "world": int(state["world_size"]),
@@ -87,28 +99,8 @@ def saved_layout(tag_dir: Path) -> dict[str, int]:
     }
 
 
-def refuse_zero3(
-    tag_dir: Path, saved: dict[str, int], here: dict[str, int] | None = None, key: str = "src"
-) -> None:
-    """A ZeRO-3 checkpoint (or target) keeps its weights only in per-rank partitions, which this
-    package does not read or write yet: say so, naming the layouts, before anything is loaded.
-    ``key`` is the argument or config field the layout came from."""
-    if saved["zero"] == 3 or (here is not None and here["zero"] == 3):
-        target = f"; this run is {here}" if here is not None else ""
-        raise ConfigError(
-            f"{key}: checkpoint {tag_dir} was saved at {saved}{target}: changing the layout "
-            "to or from ZeRO 3 (parallel.zero_stage / zero_optimization.stage) is not supported "
-            "yet; resume with the saved world size, parallel.ep and ZeRO stage"
-        )
-
-
 def _cat_fragments(pieces: list[tuple[int, Tensor]]) -> Tensor:
     return torch.cat([t.flatten() for _, t in sorted(pieces, key=lambda p: p[0])])
-
-
-def _stack_experts(per_ep: dict[int, Tensor], shape: torch.Size, ep: int) -> Tensor:
-    """Local [L, ...] slices of EP ranks 0..ep-1 -> global [E, ...]."""
-    return torch.cat([per_ep[e].view(shape) for e in range(ep)], dim=0)
 
 
 def _read_zero12(tag_dir: Path, dense: dict, world: int, ep: int, st: FullState) -> None:
@@ -117,7 +109,7 @@ def _read_zero12(tag_dir: Path, dense: dict, world: int, ep: int, st: FullState)
     frags: dict[str, dict[str, dict[int, list]]] = defaultdict(lambda: defaultdict(dict))
     steps = set()
     for r in range(world):
-        sd = safe_torch_load(tag_dir / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+        sd = safe_torch_load(optim_states_file(tag_dir, r))
         osd = sd["optimizer_state_dict"]
         base = osd["base_optimizer_state"]
         for i, mapping in enumerate(osd["param_slice_mappings"]):
@@ -141,10 +133,12 @@ def _read_zero12(tag_dir: Path, dense: dict, world: int, ep: int, st: FullState)
             if -1 in by_slot:
                 out[full_name(name)] = _cat_fragments(by_slot[-1]).view(shapes[name])
             else:
-                per_ep = {e: _cat_fragments(p) for e, p in by_slot.items()}
-                out[full_name(name)] = _stack_experts(per_ep, shapes[name], ep)
+                per_ep = {e: _cat_fragments(p).view(shapes[name]) for e, p in by_slot.items()}
+                out[full_name(name)] = stack_expert_slices(per_ep, ep)
     if len(steps) > 1:
-        raise ValueError(f"checkpoint {tag_dir}: ranks saved different Adam steps {sorted(steps)}")
+        raise CheckpointError(
+            f"checkpoint {tag_dir}: ranks saved different Adam steps {sorted(steps)}"
+        )
     st.adam_step = steps.pop() if steps else 0
 
 
@@ -174,7 +168,7 @@ def _read_zero0(tag_dir: Path, dense: dict, cfg: Config, ep: int, st: FullState)
             return
         for gi, g in enumerate(osd["param_groups"]):
             if len(g["params"]) != len(groups[gi]):
-                raise ValueError(
+                raise CheckpointError(
                     f"checkpoint {tag_dir}: optimizer group {gi} has {len(g['params'])} params, "
                     f"the model built from its config has {len(groups[gi])}"
                 )
@@ -189,12 +183,31 @@ def _read_zero0(tag_dir: Path, dense: dict, cfg: Config, ep: int, st: FullState)
         out = st.moments.setdefault(key, {})
         for name, by_ep in by_name.items():
             if ep > 1 and is_expert_name(name):
-                out[name] = _stack_experts(by_ep, by_ep[0].shape, ep)
+                out[name] = stack_expert_slices(by_ep, ep)
             else:
                 out[name] = by_ep[0]
     if len(steps) > 1:
-        raise ValueError(f"checkpoint {tag_dir}: parameters saved different Adam steps {steps}")
+        raise CheckpointError(
+            f"checkpoint {tag_dir}: parameters saved different Adam steps {steps}"
+        )
     st.adam_step = steps.pop() if steps else 0
+
+
+def _read_module(tag_dir: Path, dense: dict) -> dict[str, Tensor]:
+    """ZeRO 0-2: the dense module file and one file per global expert, stacked [E, ...]."""
+    module = {full_name(k): v for k, v in dense["module"].items()}
+    experts: dict[str, dict[int, Tensor]] = defaultdict(dict)
+    for f in sorted(tag_dir.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
+        for key, t in safe_torch_load(f).items():
+            parsed = split_deepspeed_key(key)
+            if parsed is None:
+                raise CheckpointError(f"{f}: unexpected key {key!r} in an expert file")
+            experts[parsed[0]][parsed[1]] = t
+    for name, by_id in experts.items():
+        if sorted(by_id) != list(range(len(by_id))):
+            raise CheckpointError(f"checkpoint {tag_dir}: {name} misses experts ({sorted(by_id)})")
+        module[name] = torch.stack([by_id[e] for e in range(len(by_id))])
+    return module
 
 
 def read_full_state(tag_dir: str | Path) -> FullState:
@@ -204,27 +217,20 @@ def read_full_state(tag_dir: str | Path) -> FullState:
     """
     tag_dir = Path(tag_dir)
     layout = saved_layout(tag_dir)
-    refuse_zero3(tag_dir, layout)
     world, ep = layout["world"], layout["ep"]
-    cfg = config_from_dict(json.loads((tag_dir / "trainer_state.json").read_text())["config"])
-    dense = safe_torch_load(tag_dir / "mp_rank_00_model_states.pt")
-    module = {full_name(k): v for k, v in dense["module"].items()}
-    experts: dict[str, dict[int, Tensor]] = defaultdict(dict)
-    for f in sorted(tag_dir.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
-        for key, t in safe_torch_load(f).items():
-            parsed = split_deepspeed_key(key)
-            if parsed is None:
-                raise ValueError(f"{f}: unexpected key {key!r} in an expert file")
-            experts[parsed[0]][parsed[1]] = t
-    for name, by_id in experts.items():
-        if sorted(by_id) != list(range(len(by_id))):
-            raise ValueError(f"checkpoint {tag_dir}: {name} misses experts ({sorted(by_id)})")
-        module[name] = torch.stack([by_id[e] for e in range(len(by_id))])
-    st = FullState(module=module, layout=layout)
-    if layout["zero"] in (1, 2):
-        _read_zero12(tag_dir, dense, world, ep, st)
+    dense = safe_torch_load(dense_states_file(tag_dir))
+    if layout["zero"] == 3:
+        module, fp32, moments, step = read_zero3(tag_dir, world, ep)
+        st = FullState(module, fp32, moments, step, layout=layout)
     else:
-        _read_zero0(tag_dir, dense, cfg, ep, st)
+        st = FullState(module=_read_module(tag_dir, dense), layout=layout)
+        if layout["zero"] in (1, 2):
+            _read_zero12(tag_dir, dense, world, ep, st)
+        else:  # ZeRO 0 names its optimizer state by index: the run's config says in what order
+            cfg = config_from_dict(
+                json.loads((tag_dir / "trainer_state.json").read_text())["config"]
+            )
+            _read_zero0(tag_dir, dense, cfg, ep, st)
     st.lr_last_epoch = int(dense["lr_scheduler"]["last_epoch"]) if dense.get("lr_scheduler") else 0
     st.counters = {
         k: int(dense.get(k) or 0) for k in ("global_steps", "global_samples", "skipped_steps")

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from deepsuite.atomic import atomic_write_text
+from deepsuite.errors import CheckpointError
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"
@@ -45,6 +46,15 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def optim_states_file(tag_dir: Path, rank: int) -> Path:
+    """Rank ``rank``'s ZeRO optimizer-state file; DeepSpeed prefixes it ``bf16_`` in bf16 runs."""
+    name = f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+    for path in (tag_dir / name, tag_dir / f"bf16_{name}"):
+        if path.is_file():
+            return path
+    raise CheckpointError(f"checkpoint {tag_dir}: neither {name} nor bf16_{name} found")
 
 
 def write_manifest(tag_dir: Path) -> None:

@@ -3,13 +3,19 @@
 :func:`load_any_layout` is what a resuming run calls: the native DeepSpeed load when the saved
 EP x world x ZeRO layout is the live one, else :func:`~deepsuite.checkpoint.full_state.read_full_state`
 on every rank (no collective) and :func:`load_full_state`, which writes each rank's slice of the
-weights, fp32 master weights and Adam moments (ZeRO 0, 1 and 2), the LR schedule position and the
-engine's counters. A ZeRO-3 checkpoint loads only at its own layout (refused otherwise, naming
-both layouts).
+weights, fp32 master weights and Adam moments (any ZeRO stage), the LR schedule position and the
+engine's counters.
 
 Private DeepSpeed API relied on (0.19, pinned < 0.20): a parameter's ``_hp_mapping`` (its
 fragment in the ZeRO 1/2 flat partition), ``engine.optimizer.optimizer`` (the wrapped torch
-optimizer) and the engine's ``global_steps`` / ``global_samples`` / ``skipped_steps``.
+optimizer) and the engine's ``global_steps`` / ``global_samples`` / ``skipped_steps``. ZeRO 3: a
+parameter's ``ds_tensor`` (this rank's low-precision partition), ``ds_process_group`` (its
+partition group), ``ds_status`` / ``ds_numel`` / ``ds_shape``, and the optimizer's
+``fp32_partitioned_groups_flat`` (the fp32 partitions Adam's state is keyed by).
+``safe_set_full_fp32_param`` is not used there: stage 3's ``set_full_hp_param`` slices the
+unpadded value, which fails on the last rank of a parameter whose size the group does not
+divide; the local setters take this rank's padded chunk
+(:func:`~deepsuite.checkpoint.zero3.partition_chunk`).
 """
 
 from __future__ import annotations
@@ -22,14 +28,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from deepsuite.checkpoint.full_state import (
-    MOMENTS,
-    FullState,
-    read_full_state,
-    refuse_zero3,
-    saved_layout,
-)
+from deepsuite.checkpoint.full_state import MOMENTS, FullState, read_full_state, saved_layout
+from deepsuite.checkpoint.zero3 import partition_chunk
 from deepsuite.distributed.expert_shard import expert_slices, full_name, model_ep_size
+from deepsuite.errors import CheckpointError
 
 __all__ = ["load_any_layout", "load_full_state"]
 
@@ -55,9 +57,25 @@ def _set_zero_moment(opt: Any, p: torch.nn.Parameter, key: str, value: Tensor) -
     dst.narrow(0, m.hp_fragment_address.start, m.hp_fragment_address.numel).copy_(src)
 
 
+def _set_zero3(p: Any, value: Tensor, fp32: Tensor, moments: dict[str, Tensor]) -> None:
+    """This rank's chunks of a ZeRO-3 parameter: low-precision partition (and the whole tensor
+    where stage 3 keeps it gathered: persistent small parameters), fp32 master, Adam moments."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+    group = getattr(p, "ds_process_group", None)
+    parts, k = dist.get_world_size(group), dist.get_rank(group)
+    p.ds_tensor.copy_(partition_chunk(value, parts, k).to(p.ds_tensor.dtype))
+    if p.ds_status == ZeroParamStatus.AVAILABLE and p.numel() == p.ds_numel:
+        p.data.copy_(value.view(p.shape).to(p.dtype))
+    safe_set_local_fp32_param(p, partition_chunk(fp32, parts, k))
+    for key, t in moments.items():
+        safe_set_local_optimizer_state(p, partition_chunk(t, parts, k), key)
+
+
 @torch.no_grad()
 def load_full_state(engine: Any, model: torch.nn.Module, state: FullState) -> None:
-    """Pour ``state`` into a live engine of any EP x ZeRO (0/1/2) layout, on every rank.
+    """Pour ``state`` into a live engine of any EP x ZeRO layout, on every rank (no collective).
 
     Weights, fp32 masters, Adam moments and step, the LR schedule position and the engine's
     counters. Without moments in ``state`` they are left freshly initialised and a warning says so.
@@ -73,26 +91,41 @@ def load_full_state(engine: Any, model: torch.nn.Module, state: FullState) -> No
         t.copy_(state.module[name])  # persistent buffers: the balancing bias
     missing = [n for n in params if full_name(n) not in state.module]
     if missing:
-        raise ValueError(f"checkpoint: no tensor for parameters {missing[:4]} (config mismatch?)")
+        raise CheckpointError(
+            f"checkpoint: no tensor for parameters {missing[:4]} (config mismatch?)"
+        )
     zero = engine.zero_optimization_stage()
     opt = engine.optimizer
     have_moments = state.adam_step > 0 and all(state.moments.get(k) for k in MOMENTS)
-    if zero in (1, 2) and have_moments:
-        # the base optimizer's state is created lazily at its first step: create it now
+    if zero in (1, 2, 3) and have_moments:
+        # the base optimizer's state is created lazily at its first step: create it now (under
+        # ZeRO 3 the flat partitions join the param groups only inside the step)
         inner = opt.optimizer
-        for g in inner.param_groups:
-            for flat in g["params"]:
-                st = inner.state[flat]
-                st["step"] = torch.tensor(float(state.adam_step))
-                for key in MOMENTS:
-                    st.setdefault(key, torch.zeros_like(flat))
+        flats = (
+            opt.fp32_partitioned_groups_flat
+            if zero == 3
+            else [f for g in inner.param_groups for f in g["params"]]
+        )
+        for flat in flats:
+            st = inner.state[flat]
+            st["step"] = torch.tensor(float(state.adam_step))
+            for key in MOMENTS:
+                st.setdefault(key, torch.zeros_like(flat))
     for name, p in params.items():
         fname = full_name(name)
         value = _local(state.module[fname], name, slices)
-        if value.shape != p.shape:
-            raise ValueError(
-                f"checkpoint: {fname} has shape {tuple(value.shape)}, model {tuple(p.shape)}"
+        shape = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO 3 keeps a placeholder in p
+        if tuple(value.shape) != shape:
+            raise CheckpointError(
+                f"checkpoint: {fname} has shape {tuple(value.shape)}, model {shape}"
             )
+        if zero == 3:
+            fp32 = _local(state.fp32.get(fname, state.module[fname]), name, slices)
+            moments = {
+                k: _local(state.moments[k][fname], name, slices) for k in MOMENTS if have_moments
+            }
+            _set_zero3(p, value, fp32, moments)
+            continue
         p.copy_(value)
         if zero in (1, 2):
             safe_set_full_fp32_param(
@@ -138,7 +171,6 @@ def load_any_layout(engine: Any, model: torch.nn.Module, ckpt_dir: str | Path, t
     if saved == here:
         engine.load_checkpoint(str(ckpt_dir), tag=tag)  # strict
         return False
-    refuse_zero3(tag_dir, saved, here, key="train.resume")
     if (dist.get_rank() if dist.is_initialized() else 0) == 0:
         print(f"resharding {tag_dir}: saved at {saved}, loading at {here}", flush=True)
     load_full_state(engine, model, read_full_state(tag_dir))

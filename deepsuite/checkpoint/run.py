@@ -20,12 +20,12 @@ import torch.distributed as dist
 from torch import nn
 
 from deepsuite.checkpoint import layout
-from deepsuite.checkpoint.full_state import refuse_zero3, saved_layout
 from deepsuite.checkpoint.load import load_any_layout
 from deepsuite.distributed.comm import guard_collectives
 from deepsuite.distributed.expert_parallel import verify_bias_identical
+from deepsuite.errors import CheckpointError
 
-__all__ = ["TrainerState", "check_resume_layout", "resume_run", "save_run"]
+__all__ = ["TrainerState", "resume_run", "save_run", "will_resume"]
 
 
 @dataclass
@@ -88,32 +88,20 @@ def save_run(
     return tag_dir
 
 
-def check_resume_layout(resume: str, run_ckpt_dir: Path, here: dict[str, int]) -> None:
-    """Before launch, on every rank (files only, no collective): refuse a resume that would
-    change a ZeRO-3 layout, which is not supported yet (:func:`refuse_zero3`).
-
-    ``here`` is the layout about to start ({'world', 'ep', 'zero'}). Reads the tag ``latest``
-    names (else the newest), without hashing it: :func:`resume_run` still picks and verifies the
-    tag it loads; and it loads a dense file only when a side is ZeRO 3.
-    """
-    if resume == "never":
-        return
+def _resume_tag(resume: str, run_ckpt_dir: Path) -> tuple[Path, str | None]:
+    """(checkpoints directory, its newest complete tag as rank 0 sees it, on every rank)."""
     ckpt_dir = Path(resume) if resume != "auto" else run_ckpt_dir
-    latest = ckpt_dir / "latest"
-    tags = layout.list_tags(ckpt_dir)
-    tag = latest.read_text().strip() if latest.is_file() else (tags[-1] if tags else None)
-    if not tag or not (ckpt_dir / tag / "trainer_state.json").is_file():
-        return
-    tag_dir = ckpt_dir / tag
-    # ZeRO 3 writes one dense file per rank and no mp_rank_00_model_states.pt
-    saved_zero3 = not (tag_dir / "mp_rank_00_model_states.pt").is_file()
-    if saved_zero3 and not (tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file():
-        return  # not a complete tag: resume_run picks another
-    if here["zero"] != 3 and not saved_zero3:
-        return
-    saved = saved_layout(tag_dir)
-    if saved != here:
-        refuse_zero3(tag_dir, saved, here, key="train.resume")
+    tag = [layout.find_resumable(ckpt_dir) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(tag, src=0)
+    return ckpt_dir, tag[0]
+
+
+def will_resume(resume: str, run_ckpt_dir: Path) -> bool:
+    """Whether :func:`resume_run` will load a checkpoint (same answer on every rank): a run that
+    started from ``train.init_from`` resumes from its own checkpoints, not from the source."""
+    return resume != "never" and (
+        resume != "auto" or _resume_tag(resume, run_ckpt_dir)[1] is not None
+    )
 
 
 def resume_run(
@@ -127,16 +115,14 @@ def resume_run(
     """
     if resume == "never":
         return None
-    ckpt_dir = Path(resume) if resume != "auto" else run_ckpt_dir
-    tag = [layout.find_resumable(ckpt_dir) if rank == 0 else None]
-    dist.broadcast_object_list(tag, src=0)
-    if tag[0] is None:
+    ckpt_dir, tag = _resume_tag(resume, run_ckpt_dir)
+    if tag is None:
         if resume != "auto":
-            raise ValueError(f"train.resume: no complete checkpoint under {ckpt_dir}")
+            raise CheckpointError(f"train.resume: no complete checkpoint under {ckpt_dir}")
         return None
-    tag_dir = ckpt_dir / tag[0]
+    tag_dir = ckpt_dir / tag
     # any EP / world / ZeRO layout: native load when it matches, else resharded on load
-    load_any_layout(engine, model, ckpt_dir, tag[0])
+    load_any_layout(engine, model, ckpt_dir, tag)
     state = TrainerState.from_dict(layout.read_trainer_state(tag_dir))
     layout.load_rank_state(tag_dir, rank)
     verify_bias_identical(model)

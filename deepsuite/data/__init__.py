@@ -9,14 +9,22 @@ Typical use by a trainer::
     batch = next(train)                                  # input_ids/labels/position_ids/doc_ids [B, S]
 """
 
-from deepsuite.data.corpus import builtin_documents, builtin_source_files, load_documents
+from deepsuite.data.corpus import (
+    builtin_documents,
+    builtin_source_files,
+    check_source,
+    load_documents,
+)
 from deepsuite.data.loader import PackedLoader, make_batch, position_ids_from_docs
 from deepsuite.data.pipeline import (
     build_tokenizer,
+    check_vocab_size,
     prepare_data,
     resolve_cache_dir,
+    set_progress_bars,
     token_stream,
     tokenize_documents,
+    tokenizer_vocab_size,
     validate_data_config,
 )
 from deepsuite.data.tokenizer import (
@@ -35,14 +43,18 @@ __all__ = [
     "build_tokenizer",
     "builtin_documents",
     "builtin_source_files",
+    "check_source",
+    "check_vocab_size",
     "load_documents",
     "load_hf_tokenizer",
     "make_batch",
     "position_ids_from_docs",
     "prepare_data",
     "resolve_cache_dir",
+    "set_progress_bars",
     "token_stream",
     "tokenize_documents",
+    "tokenizer_vocab_size",
     "train_bpe",
     "validate_data_config",
 ]

@@ -14,6 +14,9 @@ epoch])``; streaming and validation keep stream order). Global micro-batch i is 
 with micro-batch B see exactly what one process with micro-batch B*W sees. A global batch may span
 an epoch boundary. The resume state is the number of global rows consumed, identical on every rank.
 
+Fine-tuning records (``data.format: sft``) pack the same way; a label whose token is not a
+target (a prompt token) is IGNORE_INDEX, so only completion tokens carry loss and gradient.
+
 Streaming reads the whole stream on every rank and keeps its own rows: this costs W-fold
 tokenisation but preserves the global order exactly (what ``split_dataset_by_node`` cannot).
 Validation iterates a fixed pass over its rows, dropping the final incomplete global batch.
@@ -33,10 +36,18 @@ from deepsuite.data.pipeline import (
     _hf_cache,
     resolve_cache_dir,
     stream_key,
+    target_mask,
     token_stream,
     tokenize_documents,
 )
+from deepsuite.data.sft import IGNORE_INDEX
 from deepsuite.data.tokenizer import Tokenizer
+from deepsuite.errors import DataError
+from deepsuite.layers.attention.doc_mask import (
+    document_block_mask,
+    document_mask,
+    flex_supported,
+)
 
 STATE_VERSION = 1
 
@@ -54,33 +65,46 @@ def position_ids_from_docs(doc_BS: np.ndarray) -> np.ndarray:
     return (idx - run_start).astype(np.int64)
 
 
-def make_batch(tok_BS1: np.ndarray, doc_BS1: np.ndarray) -> dict[str, torch.Tensor]:
-    """Rows of S+1 tokens (and their doc ids) -> input_ids, labels, position_ids, doc_ids [B, S]."""
+def make_batch(
+    tok_BS1: np.ndarray, doc_BS1: np.ndarray, target_BS1: np.ndarray | None = None
+) -> dict[str, torch.Tensor]:
+    """Rows of S+1 tokens (and their doc ids, and optionally their target flags) -> input_ids,
+    labels, position_ids, doc_ids [B, S]; a label whose token is not a target is IGNORE_INDEX."""
     doc_BS = np.ascontiguousarray(doc_BS1[:, :-1], dtype=np.int64)
+    labels_BS = np.ascontiguousarray(tok_BS1[:, 1:], dtype=np.int64)
+    if target_BS1 is not None:
+        labels_BS = np.where(target_BS1[:, 1:] != 0, labels_BS, IGNORE_INDEX)
     return {
         "input_ids": torch.from_numpy(np.ascontiguousarray(tok_BS1[:, :-1], dtype=np.int64)),
-        "labels": torch.from_numpy(np.ascontiguousarray(tok_BS1[:, 1:], dtype=np.int64)),
+        "labels": torch.from_numpy(labels_BS),
         "position_ids": torch.from_numpy(position_ids_from_docs(doc_BS)),
         "doc_ids": torch.from_numpy(doc_BS),
     }
 
 
 def model_inputs(
-    batch: dict[str, torch.Tensor], device: torch.device | str, document_masking: bool
-) -> dict[str, torch.Tensor]:
+    batch: dict[str, torch.Tensor],
+    device: torch.device | str,
+    document_masking: bool,
+    *,
+    flex: bool | None = None,
+) -> dict[str, Any]:
     """A loader batch -> the model's keyword arguments on ``device``.
 
-    With ``document_masking`` each token attends only to earlier tokens of its own document (a
-    boolean (B, 1, S, S) mask, ANDed with causal by the attention) and its rotary position
-    counts from the start of that document; without it the row is one causal sequence.
+    With ``document_masking`` each token attends only to earlier tokens of its own document and
+    its rotary position counts from the start of that document; without it the row is one
+    causal sequence. The mask is a FlexAttention block mask where flex attention trains
+    (``flex=None``: on CUDA), else the dense boolean (B, 1, S, S) mask it is tested against
+    (``deepsuite.layers.attention.doc_mask``); ``flex`` forces either.
     """
-    out = {
+    out: dict[str, Any] = {
         "input_ids": batch["input_ids"].to(device),
         "labels": batch["labels"].to(device),
     }
     if document_masking:
         doc_BS = batch["doc_ids"].to(device)
-        out["attention_mask"] = (doc_BS[:, :, None] == doc_BS[:, None, :]).unsqueeze(1)
+        use_flex = flex_supported(device) if flex is None else flex
+        out["attention_mask"] = document_block_mask(doc_BS) if use_flex else document_mask(doc_BS)
         out["position_ids"] = batch["position_ids"].to(device)
     return out
 
@@ -122,13 +146,13 @@ class PackedLoader:
         if not isinstance(dp_rank, int) or not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank must be an int in [0, dp_size={dp_size}), got {dp_rank!r}")
         if split == "val" and not cfg.val_fraction > 0:
-            raise ValueError("data.val_fraction is 0: there is no validation split")
+            raise DataError("data.val_fraction is 0: there is no validation split")
         self.streaming = bool(cfg.streaming)
         self.shuffle = (
             (split == "train" and not self.streaming) if shuffle is None else bool(shuffle)
         )
         if self.shuffle and (self.streaming or split == "val"):
-            raise ValueError(
+            raise DataError(
                 "shuffle=True needs non-streaming training data (data.streaming=False, split='train')"
             )
         self.cfg, self.tok, self.split = cfg, tokenizer, split
@@ -147,19 +171,21 @@ class PackedLoader:
             self._ids_ds = tokenize_documents(docs, tokenizer)
             self.rows_per_epoch: int | None = None
             if next(self._epoch_rows(), None) is None:
-                raise ValueError(self._too_short_msg())
+                raise DataError(self._too_short_msg())
             if split == "val":
                 self.rows_per_epoch = sum(1 for _ in self._epoch_rows())
         else:
             self._tokens, self._starts = token_stream(cfg, tokenizer, split, self.cache_dir)
+            self._targets = target_mask(cfg, tokenizer, split, self.cache_dir)
             self.rows_per_epoch = max(0, (len(self._tokens) - 1) // self.seq_len)
             if self.rows_per_epoch == 0:
-                raise ValueError(self._too_short_msg())
+                raise DataError(self._too_short_msg())
         if split == "val" and self.rows_per_epoch < self.B * self.W:
-            raise ValueError(
+            raise DataError(
                 f"data: the val split packs into {self.rows_per_epoch} sequences of data.seq_len="
                 f"{self.seq_len}, fewer than one global batch ({self.B} x {self.W}); raise "
-                "data.val_fraction or lower the batch size"
+                "data.val_fraction, lower train.micro_batch_size, or set data.val_fraction=0 to "
+                "train without a validation split"
             )
 
     def _too_short_msg(self) -> str:
@@ -200,8 +226,8 @@ class PackedLoader:
                 count += 1
             self.rows_per_epoch = count
 
-    def _row(self, g: int) -> tuple[np.ndarray, np.ndarray]:
-        """Non-streaming: global row ``g`` as (tokens_S1, docs_S1)."""
+    def _row(self, g: int) -> tuple[np.ndarray, ...]:
+        """Non-streaming: global row ``g`` as (tokens_S1, docs_S1[, targets_S1])."""
         assert self.rows_per_epoch is not None
         epoch, k = divmod(g, self.rows_per_epoch)
         if self.shuffle:
@@ -212,7 +238,9 @@ class PackedLoader:
         a = k * self.seq_len
         toks = np.asarray(self._tokens[a : a + self.seq_len + 1])
         docs = np.searchsorted(self._starts, np.arange(a, a + self.seq_len + 1), side="right") - 1
-        return toks, docs
+        if self._targets is None:
+            return toks, docs
+        return toks, docs, np.asarray(self._targets[a : a + self.seq_len + 1])
 
     def _global_batch_rows(
         self, g0: int, gen: Iterator | None
@@ -225,8 +253,9 @@ class PackedLoader:
         return rows[lo : lo + self.B]
 
     @staticmethod
-    def _stack(rows: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
-        return make_batch(np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]))
+    def _stack(rows: list[tuple[np.ndarray, ...]]) -> dict[str, torch.Tensor]:
+        targets = np.stack([r[2] for r in rows]) if len(rows[0]) > 2 else None
+        return make_batch(np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]), targets)
 
     # ---- iteration ------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -270,14 +299,25 @@ class PackedLoader:
         """Continue from ``state``; the next batch is the one the saving loader would have yielded
         next (also under another B x W split of the same global batch when rows align)."""
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"state: unsupported version {state.get('version')!r}")
-        for k in ("split", "stream_key", "seq_len", "seed", "shuffle"):
+            raise DataError(f"state: unsupported version {state.get('version')!r}")
+        what = {
+            "split": "the split",
+            "stream_key": "the corpus or tokenizer (data.source, its files, data.text_field, "
+            "data.max_documents, data.val_fraction, data.tokenizer)",
+            "seq_len": "data.seq_len",
+            "seed": "data.seed",
+            "shuffle": "data.streaming",
+        }
+        for k, name in what.items():
             if state[k] != self.state_dict()[k]:
-                raise ValueError(
-                    f"state[{k!r}]={state[k]!r} does not match this loader ({self.state_dict()[k]!r})"
+                raise DataError(
+                    f"train.resume: the checkpoint's data position was saved with another {name} "
+                    f"({k}: {state[k]!r}, this run: {self.state_dict()[k]!r}); resume with the "
+                    "data settings it was saved with, or start afresh (train.resume=never or "
+                    "a new train.run_dir)"
                 )
         rows = state["rows_consumed"]
         if not isinstance(rows, int) or rows < 0:
-            raise ValueError(f"state['rows_consumed'] must be an int >= 0, got {rows!r}")
+            raise DataError(f"state['rows_consumed'] must be an int >= 0, got {rows!r}")
         self._rows = rows
         self._gen = None

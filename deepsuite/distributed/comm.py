@@ -17,7 +17,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-__all__ = ["CollectiveTimeoutError", "all_gather_flat", "all_to_all_rows", "guard_collectives"]
+__all__ = [
+    "CollectiveTimeoutError",
+    "all_gather_flat",
+    "all_to_all_rows",
+    "guard_collectives",
+]
 
 
 def all_gather_flat(

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed import ProcessGroup
 
 from deepsuite.config import validate_expert_parallel
 from deepsuite.distributed.comm import all_to_all_rows
 from deepsuite.layers.moe.dispatch import ExpertRows
+from deepsuite.layers.moe.router import count_ids
 
 __all__ = ["AllToAllDispatcher", "CommStats", "DispatchState"]
 
@@ -68,6 +68,10 @@ class AllToAllDispatcher:
             on CUDA (costs a sync); on CPU the exchanges are synchronous anyway.
     """
 
+    # dispatch sizes its exchange from counts read on the host, so under torch.compile the
+    # MoE layer runs dispatch -> experts -> combine eagerly (see DeepSeekMoE.forward)
+    traceable = False
+
     def __init__(
         self, n_experts: int, ep_group: ProcessGroup | None = None, *, sync_timing: bool = False
     ) -> None:
@@ -98,13 +102,19 @@ class AllToAllDispatcher:
 
         Args:
             x_TD: tokens [T, D], any float dtype.
-            ids_TK: int64 [T, K] global expert ids, -1 = empty slot.
+            ids_TK: int64 [T, K] global expert ids in [0, n_experts), -1 = empty slot.
             weights_TK: float32 [T, K] gate weights (applied in ``combine``, on the expert side).
 
         Returns:
             the rows for this rank's experts sorted by local expert id (``ExpertRows``: the
             received rows and the index that orders them), counts_L int64 [L], and the state
             for ``combine``.
+
+        Host reads: exactly one. The count tables (rows per destination rank, slots per
+        (rank, local expert)) cross in a first small all-to-all; this rank then reads what it
+        sent and received in one go, since the row exchange needs its split sizes on the host.
+        Every other size is derived from those numbers, and every index is built with static
+        shapes, so nothing else waits for the device.
         """
         if x_TD.dim() != 2 or ids_TK.dim() != 2 or ids_TK.shape[0] != x_TD.shape[0]:
             raise ValueError(
@@ -115,47 +125,56 @@ class AllToAllDispatcher:
             raise ValueError(
                 f"weights_TK: expected shape {tuple(ids_TK.shape)}, got {tuple(weights_TK.shape)}"
             )
-        if ids_TK.numel() and int(ids_TK.max()) >= self.n_experts:
-            raise ValueError(f"ids_TK: expected ids < n_experts={self.n_experts}")
         P, L, dev = self.ep_size, self.n_local, x_TD.device
         T, K = ids_TK.shape
+        # checked on the device: an id past the experts would silently go nowhere
+        torch._assert_async(
+            (ids_TK < self.n_experts).all(), f"ids_TK: expected ids < n_experts={self.n_experts}"
+        )
         valid_TK = ids_TK >= 0
-        dest_TK = torch.where(valid_TK, ids_TK // L, 0)
-        hit_TKP = F.one_hot(dest_TK, P).bool() & valid_TK[..., None]
-        to_rank_PT = hit_TKP.any(dim=1).T
+        dest_TK = torch.where(valid_TK, ids_TK // L, P)  # P: no rank (an empty slot)
+        to_rank_PT = (dest_TK[..., None] == torch.arange(P, device=dev)).any(dim=1).T
+        # count tables: rows to each rank, then slots per (rank, local expert) = per global expert
+        send_PC = torch.cat(
+            [to_rank_PT.sum(dim=1, keepdim=True), count_ids(ids_TK, P * L).view(P, L)], dim=1
+        )
+        recv_PC = torch.empty_like(send_PC)
+        t0 = time.perf_counter()
+        dist.all_to_all_single(recv_PC, send_PC, group=self.group)
+        sent, got = torch.stack([send_PC, recv_PC]).tolist()  # THE host read of this layer
+        t_counts = time.perf_counter() - t0
+        in_splits, out_splits = tuple(r[0] for r in sent), tuple(r[0] for r in got)
+        S, N = sum(in_splits), sum(sum(r[1:]) for r in got)
+
         # rows ordered by destination rank, then token: the layout all_to_all_single expects
-        rank_S, token_S = to_rank_PT.nonzero(as_tuple=True)
-        send_P = to_rank_PT.sum(dim=1)
-        here_SK = valid_TK[token_S] & (dest_TK[token_S] == rank_S[:, None])
+        flat_S = torch.nonzero_static(to_rank_PT.reshape(-1), size=S).squeeze(1)
+        rank_S, token_S = flat_S // max(T, 1), flat_S % max(T, 1)
+        here_SK = dest_TK[token_S] == rank_S[:, None]
         lid_SK = torch.where(here_SK, ids_TK[token_S] - rank_S[:, None] * L, -1).to(torch.int32)
         w_SK = torch.where(here_SK, weights_TK[token_S].float(), 0.0)
         x_SD = x_TD[token_S]
-
-        recv_P = torch.empty_like(send_P)
-        t0 = time.perf_counter()
-        dist.all_to_all_single(recv_P, send_P, group=self.group)
-        in_splits, out_splits = tuple(send_P.tolist()), tuple(recv_P.tolist())
-        t_counts = time.perf_counter() - t0
         (x_RD, w_RK, lid_RK), t_rows = self._timed_exchange(
             [x_SD, w_SK, lid_SK], in_splits, out_splits, dev
         )
 
-        row_M, k_M = (lid_RK >= 0).nonzero(as_tuple=True)
-        lid_M = lid_RK[row_M, k_M].long()
-        order = torch.argsort(lid_M, stable=True)
-        row_N, k_N = row_M[order], k_M[order]
-        counts_L = torch.bincount(lid_M, minlength=L).to(torch.int64)
+        # (received row, slot) pairs by local expert, then row and slot: a stable sort of the
+        # R*K slots with empty ones keyed last, cut at the N real ones
+        key = torch.where(lid_RK >= 0, lid_RK.long(), L).reshape(-1)
+        slot_N = torch.sort(key, stable=True)[1][:N]
+        row_N = torch.div(slot_N, K, rounding_mode="floor")
+        counts_L = recv_PC[:, 1:].sum(dim=0)
         item = x_TD.element_size()
-        S, R, D = x_SD.shape[0], x_RD.shape[0], x_TD.shape[1]
+        R, D = x_RD.shape[0], x_TD.shape[1]
+        count_bytes = send_PC.numel() * send_PC.element_size()
         stats = {
             "rows_sent": S,
             "rows_sent_remote": S - in_splits[self.ep_rank],
             "rows_received": R,
-            "slots": int(valid_TK.sum()),
+            "slots": sum(sum(r[1:]) for r in sent),
             "dispatch_bytes_sent": S * D * item,
             "dispatch_meta_bytes_sent": S * K * 8,
             "dispatch_bytes_received": R * (D * item + K * 8),
-            "counts_bytes": 2 * P * 8,
+            "counts_bytes": 2 * count_bytes,
             "item": item,
             "D": D,
         }
@@ -169,7 +188,7 @@ class AllToAllDispatcher:
             a2a_time_s=t_counts + t_rows,
             stats=stats,
         )
-        return ExpertRows(x_RD, row_N, w_RK[row_N, k_N]), counts_L, state
+        return ExpertRows(x_RD, row_N, w_RK.reshape(-1)[slot_N]), counts_L, state
 
     def combine(self, z_RD: torch.Tensor, state: DispatchState) -> torch.Tensor:
         """Send the per-received-row sums back and sum per token.

@@ -49,7 +49,9 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
 
 
 def deepspeed_config(cfg: Config, grad_accum: int) -> dict[str, Any]:
-    """The DeepSpeed JSON under configs/ with the batch, clipping and precision of ``cfg``."""
+    """The DeepSpeed JSON under configs/ with the batch, clipping and precision of ``cfg``
+    (:func:`~deepsuite.distributed.deepspeed_json.validate_deepspeed_json` checked it before
+    launch)."""
     ds = read_deepspeed_json(cfg.parallel.deepspeed_config)
     ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
     ds["gradient_accumulation_steps"] = grad_accum

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "detect_env", "first_slurm_host", "init_distributed", "resolve_backend"]
+from deepsuite.errors import LaunchError
+
+__all__ = [
+    "DistEnv",
+    "detect_env",
+    "first_slurm_host",
+    "init_distributed",
+    "resolve_backend",
+    "start_process_group",
+]
 
 DEFAULT_PORT = 29500
 
@@ -35,7 +47,7 @@ def first_slurm_host(nodelist: str) -> str:
     """First host of a SLURM node list: 'gpu[03-05,9],cpu1' -> 'gpu03'."""
     first = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
     if first is None or not first.group(1):
-        raise ValueError(f"SLURM_JOB_NODELIST: cannot parse a host from {nodelist!r}")
+        raise LaunchError(f"SLURM_JOB_NODELIST: cannot parse a host from {nodelist!r}")
     prefix, ranges = first.group(1), first.group(3)
     if ranges is None:
         return prefix
@@ -46,7 +58,7 @@ def _slurm_tasks_per_node(value: str) -> int:
     """'4(x2),3' -> 4: the first node's task count."""
     m = re.match(r"(\d+)", value)
     if m is None:
-        raise ValueError(f"SLURM_TASKS_PER_NODE: cannot parse {value!r}")
+        raise LaunchError(f"SLURM_TASKS_PER_NODE: cannot parse {value!r}")
     return int(m.group(1))
 
 
@@ -56,9 +68,9 @@ def _int(env: Mapping[str, str], *names: str, default: int | None = None) -> int
             try:
                 return int(env[name])
             except ValueError as err:
-                raise ValueError(f"{name}: expected an integer, got {env[name]!r}") from err
+                raise LaunchError(f"{name}: expected an integer, got {env[name]!r}") from err
     if default is None:
-        raise ValueError(f"{' / '.join(names)}: expected one of these environment variables")
+        raise LaunchError(f"{' / '.join(names)}: expected one of these environment variables")
     return default
 
 
@@ -109,9 +121,9 @@ def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
         port = _int(env, "MASTER_PORT", default=DEFAULT_PORT)
         launcher = "none"
     if not 0 <= rank < world:
-        raise ValueError(f"rank: expected 0 <= rank < world_size={world}, got {rank}")
+        raise LaunchError(f"rank: expected 0 <= rank < world_size={world}, got {rank}")
     if not 0 <= local_rank < max(local_world, 1):
-        raise ValueError(
+        raise LaunchError(
             f"local_rank: expected 0 <= local_rank < local_world_size={local_world}, "
             f"got {local_rank}"
         )
@@ -147,25 +159,22 @@ def resolve_backend(backend: str = "auto") -> str:
     if backend == "auto":
         return "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl" and not torch.cuda.is_available():
-        raise ValueError("backend: 'nccl' needs CUDA; use 'gloo' or 'auto' on CPU")
+        raise LaunchError("parallel.backend: 'nccl' needs CUDA; use 'gloo' or 'auto' on CPU")
     return backend
 
 
-def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> DistEnv:
-    """Detect the environment and start torch.distributed through ``deepspeed.init_distributed``.
+def start_process_group(backend: str = "auto", timeout_s: float = 1800.0) -> DistEnv:
+    """Start torch.distributed's default process group (torch only, DeepSpeed not imported).
 
-    Args:
-        backend: "auto" (nccl with CUDA, else gloo), "gloo" or "nccl".
-        timeout_s: process-group timeout in seconds: a collective waiting longer raises (see
-            ``deepsuite.distributed.comm.guard_collectives`` for a rank/step-naming error).
-
-    Returns:
-        The detected DistEnv. Idempotent: a second call only re-reads the environment.
+    A lone process (no launcher, world size 1) needs no rendezvous: its group lives on an
+    in-memory store and binds no port, so any number of such runs share a machine. Under
+    ``torchrun`` the group lives on the agent's store (:func:`_init_on_agent_store`); otherwise
+    on ``env://`` (MASTER_ADDR / MASTER_PORT). Idempotent.
     """
-    backend = resolve_backend(backend)
     if timeout_s <= 0:
         raise ValueError(f"timeout_s: expected > 0 seconds, got {timeout_s}")
     info = detect_env()
+    backend = resolve_backend(backend)
     # deepspeed reads env:// variables; SLURM-only launches do not set them
     for key, value in {
         "RANK": info.rank,
@@ -177,15 +186,56 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> DistEn
         os.environ.setdefault(key, str(value))
     if backend == "nccl":
         torch.cuda.set_device(info.local_rank)
-    if not dist.is_initialized() and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        _init_on_agent_store(backend, info, timedelta(seconds=timeout_s))
+    if dist.is_initialized():
+        return info
+    timeout = timedelta(seconds=timeout_s)
+    if info.launcher == "none" and info.world_size == 1:
+        dist.init_process_group(
+            backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+        )
+    elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        _init_on_agent_store(backend, info, timeout)
+    else:
+        dist.init_process_group(
+            backend, rank=info.rank, world_size=info.world_size, timeout=timeout
+        )
+    return info
+
+
+@contextlib.contextmanager
+def _quiet_stdout() -> Iterator[None]:
+    """Keep DeepSpeed's 'deepspeed_shm_comm_op built successfully' line (a print, 0.19) off
+    stdout; anything else it prints is passed on."""
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            yield
+    finally:
+        kept = [ln for ln in buf.getvalue().splitlines() if not ln.endswith("built successfully")]
+        if kept:
+            print("\n".join(kept), file=sys.stdout, flush=True)
+
+
+def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> DistEnv:
+    """Detect the environment, start torch.distributed (:func:`start_process_group`) and wrap
+    it in DeepSpeed's comm layer (``deepspeed.init_distributed``).
+
+    Args:
+        backend: "auto" (nccl with CUDA, else gloo), "gloo" or "nccl".
+        timeout_s: process-group timeout in seconds: a collective waiting longer raises (see
+            ``deepsuite.distributed.comm.guard_collectives`` for a rank/step-naming error).
+
+    Returns:
+        The detected DistEnv. Idempotent: a second call only re-reads the environment.
+    """
+    info = start_process_group(backend, timeout_s)
     import deepspeed
 
-    # also when torch.distributed is already up: deepspeed then only wraps the existing group
-    deepspeed.init_distributed(
-        dist_backend=backend,
-        auto_mpi_discovery=False,
-        timeout=timedelta(seconds=timeout_s),
-        verbose=False,
-    )
+    with _quiet_stdout():  # deepspeed only wraps the group started above
+        deepspeed.init_distributed(
+            dist_backend=resolve_backend(backend),
+            auto_mpi_discovery=False,
+            timeout=timedelta(seconds=timeout_s),
+            verbose=False,
+        )
     return info

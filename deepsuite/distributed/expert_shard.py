@@ -66,6 +66,7 @@ __all__ = [
     "model_ep_size",
     "shard_experts",
     "split_deepspeed_key",
+    "stack_expert_slices",
     "tag_expert_parameters",
 ]
 
@@ -91,6 +92,15 @@ def expert_range(n_experts: int, ep: int, ep_rank: int) -> range:
         raise ValueError(f"ep_rank: expected a rank in [0, {ep}), got {ep_rank}")
     L = n_experts // ep
     return range(ep_rank * L, (ep_rank + 1) * L)
+
+
+def stack_expert_slices(per_ep: dict[int, Tensor], ep: int) -> Tensor:
+    """EP ranks 0..ep-1's local [L, ...] tensors of a layer's experts -> the global [E, ...]."""
+    if sorted(per_ep) != list(range(ep)):
+        raise ValueError(
+            f"per_ep: expected the slices of EP ranks 0..{ep - 1}, got {sorted(per_ep)}"
+        )
+    return torch.cat([per_ep[e] for e in range(ep)], dim=0)
 
 
 def full_name(name: str) -> str:

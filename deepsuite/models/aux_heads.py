@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import deepsuite.layers as layers
-from deepsuite.config import AuxHeadConfig
+from deepsuite.config import AuxHeadConfig, ConfigError
 
 IGNORE_INDEX = -100
 
@@ -23,7 +23,7 @@ def _resolve_class(name: str, where: str) -> type[nn.Module]:
         cls = getattr(namespace, name, None)
         if isinstance(cls, type) and issubclass(cls, nn.Module):
             return cls
-    raise ValueError(
+    raise ConfigError(
         f"{where}.type: expected a module class of deepsuite.layers or torch.nn, got {name!r}"
     )
 
@@ -50,7 +50,7 @@ def build_aux_head(cfg: AuxHeadConfig, dim: int, vocab: int) -> nn.Sequential:
         try:
             mods.append(cls(**args))
         except (TypeError, ValueError) as err:
-            raise ValueError(f"{where}: {spec['type']}(**{args}) failed: {err}") from err
+            raise ConfigError(f"{where}: {spec['type']}(**{args}) failed: {err}") from err
     return nn.Sequential(*mods)
 
 
@@ -71,7 +71,7 @@ def aux_head_loss(
     logits = head(h_BSD)
     target = token_targets(input_ids, labels, cfg.offset)
     if logits.shape[:2] != target.shape or logits.dim() != 3:
-        raise ValueError(
+        raise ConfigError(
             f"model.aux_heads[{cfg.name}]: expected the head to map (B, S, D) to (B, S, V) logits, "
             f"got {tuple(logits.shape)}"
         )

@@ -20,7 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deepsuite.config import ModelArgs
-from deepsuite.layers.attention import MultiHeadLatentAttention, RotaryPositionEmbedding
+from deepsuite.layers.attention import (
+    LatentKVCache,
+    MultiHeadLatentAttention,
+    RotaryPositionEmbedding,
+)
 from deepsuite.layers.mlp import SwiGLU
 from deepsuite.layers.moe import DeepSeekMoE, GroupedExperts
 from deepsuite.models.aux_heads import aux_head_loss, build_aux_head
@@ -31,6 +35,19 @@ IGNORE_INDEX = -100
 def _generator(key: str, device: torch.device) -> torch.Generator:
     """A generator seeded by a stable hash of ``key`` (the same on every rank and run)."""
     return torch.Generator(device=device).manual_seed(zlib.crc32(key.encode()))
+
+
+def lm_cross_entropy(logits_BSV: Tensor, labels_BS: Tensor) -> Tensor:
+    """Mean float32 cross-entropy over the positions that have a target (label != IGNORE_INDEX);
+    0, not NaN, when none has one (a fine-tuning micro-batch of prompt tokens only)."""
+    flat = labels_BS.reshape(-1)
+    total = F.cross_entropy(
+        logits_BSV.float().view(-1, logits_BSV.shape[-1]),
+        flat,
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return total / (flat != IGNORE_INDEX).sum().clamp_min(1)
 
 
 def build_attention(args: ModelArgs) -> MultiHeadLatentAttention:
@@ -86,8 +103,20 @@ class Block(nn.Module):
         x_BSD: Tensor,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
+        *,
+        cache: LatentKVCache | None = None,
+        start_pos: int = 0,
     ) -> Tensor:
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), attention_mask, position_ids=position_ids)
+        """With ``cache`` the attention writes this chunk's latents at ``start_pos`` and attends
+        over everything cached (MLA's latent cache and absorbed decode; see ``generate.py``)."""
+        a = self.attn(
+            self.attn_norm(x_BSD),
+            attention_mask,
+            cache=cache,
+            start_pos=start_pos,
+            position_ids=position_ids,
+        )
+        x_BSD = x_BSD + a
         h = self.ffn_norm(x_BSD)
         out = self.ffn(h)
         if isinstance(out, tuple):  # DeepSeekMoE returns (output, router_logits)
@@ -217,9 +246,10 @@ class DeepSeekLM(nn.Module):
                     p.normal_(0.0, sd, generator=_generator(f"{seed}/{name}", p.device))
 
     @torch.no_grad()
-    def materialize(self, device: torch.device | str, seed: int) -> None:
-        """Allocate a model built on the meta device (experts possibly sharded already) on
-        ``device`` and initialise it exactly as a full build with the same seed would be."""
+    def allocate(self, device: torch.device | str) -> None:
+        """Give a model built on the meta device (experts possibly sharded already) storage on
+        ``device``, uninitialised except its buffers (rope tables, zero balancing bias and
+        counters): for weights about to be loaded from a checkpoint."""
         self.to_empty(device=device)
         for m in self.modules():
             if isinstance(m, RotaryPositionEmbedding):
@@ -227,6 +257,12 @@ class DeepSeekLM(nn.Module):
         for moe in self.moe_layers():
             moe.router.expert_bias.zero_()
             moe.tokens_per_expert.zero_()
+
+    @torch.no_grad()
+    def materialize(self, device: torch.device | str, seed: int) -> None:
+        """Allocate a model built on the meta device (experts possibly sharded already) on
+        ``device`` and initialise it exactly as a full build with the same seed would be."""
+        self.allocate(device)
         torch.manual_seed(seed)
         for head in self.aux_heads.values():
             for m in head.modules():
@@ -237,6 +273,33 @@ class DeepSeekLM(nn.Module):
     def moe_layers(self) -> list[DeepSeekMoE]:
         """Every DeepSeekMoE in the model (main blocks first, then MTP blocks), in a fixed order."""
         return [m for m in self.modules() if isinstance(m, DeepSeekMoE)]
+
+    def new_caches(
+        self, batch_size: int, max_len: int, dtype: torch.dtype | None = None
+    ) -> list[LatentKVCache]:
+        """One empty MLA latent cache per block (C + R values per token), for ``forward_cached``."""
+        return [b.attn.new_cache(batch_size, max_len, dtype=dtype) for b in self.layers]
+
+    def forward_cached(
+        self,
+        input_ids: Tensor,
+        caches: list[LatentKVCache],
+        start_pos: int,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+    ) -> Tensor:
+        """Inference on a chunk of new tokens (B, S) at cache position ``start_pos``: every block
+        writes its latents to its cache and attends over all cached tokens (the absorbed path for
+        short chunks). ``attention_mask`` (B, start_pos + S) marks real keys (left padding off).
+        Returns the float32 logits (B, V) of the chunk's last position only."""
+        if len(caches) != len(self.layers):
+            raise ValueError(
+                f"caches: expected {len(self.layers)} (one per block), got {len(caches)}"
+            )
+        h_BSD = self.embed(input_ids)
+        for layer, cache in zip(self.layers, caches, strict=True):
+            h_BSD = layer(h_BSD, attention_mask, position_ids, cache=cache, start_pos=start_pos)
+        return self.head(self.norm(h_BSD[:, -1])).float()
 
     def forward(
         self,
@@ -265,10 +328,7 @@ class DeepSeekLM(nn.Module):
         if labels is None:
             return LMOutput(logits=logits)
 
-        vocab = logits.shape[-1]
-        lm_loss = F.cross_entropy(
-            logits.float().view(-1, vocab), labels.reshape(-1), ignore_index=IGNORE_INDEX
-        )
+        lm_loss = lm_cross_entropy(logits, labels)
         total = lm_loss
         mtp_loss = None
         if len(self.mtp):
@@ -306,10 +366,5 @@ class DeepSeekLM(nn.Module):
             next_emb = self.embed(target.clamp_min(0))
             target = torch.cat([target[:, 1:], ignore], dim=1)
             h_BSD = self.call_block(module, h_BSD, next_emb, position_ids, attention_mask)
-            logits = self.head(module.norm(h_BSD)).float()
-            losses.append(
-                F.cross_entropy(
-                    logits.view(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX
-                )
-            )
+            losses.append(lm_cross_entropy(self.head(module.norm(h_BSD)), target))
         return torch.stack(losses).mean()

@@ -7,7 +7,8 @@ The unit of all-to-all traffic is the row: one token sent to one rank. deepsuite
 (``deepsuite.distributed.dispatch``) sends one row per (token, destination rank) -- per-rank
 deduplication -- carrying the token (D x itemsize bytes) and K (local id int32, gate weight
 float32) pairs (8 K bytes); the combine returns one row of D x itemsize per received row; a
-small all-to-all of P int64 counts comes first. Its backward sends the gradients of the same
+small all-to-all of a P x (1 + L) int64 count table comes first (rows per rank, slots per local
+expert: the one host read of the layer). Its backward sends the gradients of the same
 floating tensors back: R x (D itemsize + 4 K) for the dispatch, S x D itemsize for the combine.
 So a rank's traffic is a function of how many rows it sends to each rank (``rows_P``) and
 receives; ``dispatcher_bytes`` reproduces the dispatcher's own count exactly.
@@ -37,15 +38,16 @@ def rows_from_routing(ids_TK: torch.Tensor, n_experts: int, ep: int) -> list[int
 
 
 def dispatcher_bytes(
-    send_P: list[int], recv_P: list[int], d_model: int, k: int, itemsize: int
+    send_P: list[int], recv_P: list[int], d_model: int, k: int, itemsize: int, n_local: int
 ) -> tuple[int, int]:
-    """(forward, backward) bytes one rank sends for one MoE layer, self-copy included.
+    """(forward, backward) bytes one rank sends for one MoE layer, self-copy included;
+    ``n_local`` experts per rank (L).
 
     Forward is exactly what ``AllToAllDispatcher.last_comm_stats.bytes_sent`` reports.
     """
     S, R, P = sum(send_P), sum(recv_P), len(send_P)
     row = d_model * itemsize
-    fwd = S * (row + 8 * k) + R * row + 8 * P
+    fwd = S * (row + 8 * k) + R * row + 8 * P * (1 + n_local)
     bwd = R * (row + 4 * k) + S * row
     return fwd, bwd
 

@@ -16,7 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deepsuite.config import Config, expert_parallel_sizes
-from deepsuite.distributed.deepspeed_json import read_deepspeed_json, resolved_zero_stage
+from deepsuite.distributed.deepspeed_json import (
+    read_deepspeed_json,
+    resolve_deepspeed_json,
+    resolved_zero_stage,
+)
 from deepsuite.planner.comm import A2ATraffic, ReduceTraffic, balanced_a2a, reduce_traffic
 from deepsuite.planner.layout import HARDWARE, Hardware, Layout, ZeroSettings, validate_layout
 from deepsuite.planner.memory import (
@@ -96,7 +100,8 @@ def resolve_vocab(cfg: Config, vocab_size: int | None = None) -> int:
 def zero_stage_of(cfg: Config) -> int:
     """parallel.zero_stage, or the stage in parallel.deepspeed_config when it is -1 (1 when
     the file is absent: the plan is often made away from the checkout that will train)."""
-    if cfg.parallel.zero_stage < 0 and not Path(cfg.parallel.deepspeed_config).is_file():
+    path = resolve_deepspeed_json(cfg.parallel.deepspeed_config)
+    if cfg.parallel.zero_stage < 0 and not path.is_file():
         return 1
     return resolved_zero_stage(cfg)
 
@@ -104,7 +109,8 @@ def zero_stage_of(cfg: Config) -> int:
 def zero_settings_of(cfg: Config, stage: int) -> ZeroSettings:
     """The buffer sizes of the DeepSpeed JSON that would run ``stage``: the config's own when
     it is for that stage, else configs/deepspeed/zero<stage>.json, else DeepSpeed's defaults."""
-    for path in (Path(cfg.parallel.deepspeed_config), SHIPPED_JSON / f"zero{stage}.json"):
+    own = resolve_deepspeed_json(cfg.parallel.deepspeed_config)
+    for path in (own, SHIPPED_JSON / f"zero{stage}.json"):
         if path.is_file():
             ds = read_deepspeed_json(path)
             if int(ds.get("zero_optimization", {}).get("stage", 0)) == stage:

@@ -148,7 +148,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def plan_main(argv: Sequence[str] | None = None) -> int:
     """``deepsuite plan``: print the plan; exit 1 when it does not fit, 2 on bad input."""
-    args = _parser().parse_intermixed_args(argv)
+    parser = _parser()
+    args = parser.parse_intermixed_args(argv)
     hw = HARDWARE[args.gpu].replace(
         hbm_bytes=None if args.hbm_gb is None else args.hbm_gb * 1e9,
         flops=None if args.tflops is None else args.tflops * 1e12,
@@ -164,8 +165,7 @@ def plan_main(argv: Sequence[str] | None = None) -> int:
              args.activation_checkpointing or None, args.node_limit)
         ]  # fmt: skip
     else:
-        print("deepsuite plan: give a CONFIG or --shipped")
-        return 2
+        parser.error("give a CONFIG or --shipped")
     all_fit = True
     for path, nodes, gpn, overrides, ckpt, m in runs:
         if args.min_nodes:
@@ -180,9 +180,10 @@ def plan_main(argv: Sequence[str] | None = None) -> int:
                 cfg, nodes, gpn, hardware=hw, activation_checkpointing=ckpt, node_limit=m,
                 vocab_size=args.vocab_size,
             )  # fmt: skip
-        except (ConfigError, ValueError, TypeError) as err:
-            print(f"deepsuite plan: {path}: {err}")
-            return 2
+        except ConfigError:
+            raise
+        except (ValueError, TypeError) as err:  # the layout's checks name the setting
+            raise ConfigError(f"{path}: {err}") from err
         print(format_plan(p), end="\n\n")
         all_fit &= p.fits
     return 0 if all_fit else 1

@@ -1,10 +1,11 @@
 """Load-balance alerts: an expert dead for N steps, or a layer's window MaxVio over a threshold.
 
-Pure (numpy only); reads a :class:`~deepsuite.training.moe_stats.MoEStatsTracker` once per
-optimizer step and returns the conditions that START at this step: each fires once per onset,
-not on every step it holds. A dead expert is re-armed by its next token; a layer's MaxVio alert
-is re-armed once the window MaxVio has stayed at or under the threshold for a whole window
-(so a value hovering at the threshold does not alert on every crossing). Nothing fires before
+Pure (numpy only); reads a :class:`~deepsuite.training.moe_stats.MoEStatsTracker` on the steps
+it is called (the trainer's logging steps: every step with ``logging.log_every=1``) and returns
+the conditions that START there: each fires once per onset, not on every check it holds. A dead
+expert is re-armed by a token (its run without one is then shorter than ``dead_steps``); a
+layer's MaxVio alert is re-armed once the window MaxVio has stayed at or under the threshold for
+``window`` checks (so a value hovering at the threshold does not alert on every crossing). Nothing fires before
 ``after_steps`` (the warm-up, while the balancing bias is still finding its level). The armed
 state is checkpointed with the metrics window, so a resumed run alerts as the uninterrupted one.
 
@@ -73,7 +74,9 @@ class BalanceAlerts:
     ) -> list[BalanceAlert]:
         run_E = tracker.steps_without_tokens(layer)
         alerted = self._dead.setdefault(layer, set())
-        alerted -= {int(e) for e in np.flatnonzero(run_E == 0)}  # a token re-arms the expert
+        # a token re-arms the expert (checked every step, the run is then 0; sparser checks
+        # see a run shorter than dead_steps)
+        alerted -= {int(e) for e in np.flatnonzero(run_E < self.dead_steps)}
         if not warm:
             return []
         new = [int(e) for e in np.flatnonzero(run_E >= self.dead_steps) if int(e) not in alerted]

@@ -1,7 +1,9 @@
 """Load-balance statistics of MoE layers, computed from global per-expert token counts.
 
-Pure: numpy only, no torch.distributed. The trainer sums the counts over every data-parallel
-rank and micro-batch (the global batch) and passes them here once per optimizer step.
+Pure: numpy, no torch.distributed. The trainer sums the counts over every data-parallel rank and
+micro-batch (the global batch) and passes them here once per optimizer step, as device tensors:
+the tracker keeps them there and reads everything it holds in one transfer when metrics are
+asked for (once per logging interval), so a training step never waits for the host.
 
 Legend: E experts, T tokens, R expert-parallel ranks, W window length (steps).
 """
@@ -116,9 +118,13 @@ class MoEStatsTracker:
     `metrics()` on the steps you log. The "window" is the last `window` updates of a layer
     (fewer at the start of a run); `moe/window_steps` says how many it holds, and window MaxVio,
     dead experts and `load_window` are all computed from the same summed counts. The batch
-    figures are from the latest update. The window, the latest values and each expert's run of
-    steps without a token are state: `state_dict()` / `load_state_dict()` carry them through a
-    checkpoint (plain JSON types), so a resumed run logs what an uninterrupted one logs.
+    figures are from the latest update. Tensors passed to `update` stay where they are (only
+    their shape is checked; each expert's run of steps without a token is counted beside them,
+    on their device) until a reader (`metrics()`, `window_counts()`, `steps_without_tokens()`,
+    `state_dict()`) reads them all at once; plain numbers are checked on the spot. The window,
+    the latest values and the runs without a token are state: `state_dict()` /
+    `load_state_dict()` carry them through a checkpoint (plain JSON types), so a resumed run
+    logs what an uninterrupted one logs.
 
     Keys, for layer L (the model's layer index):
       moe/layerL/load            list of E token counts of the latest global batch
@@ -152,27 +158,60 @@ class MoEStatsTracker:
         counts_E: Any,
         bias_E: Any = None,
         *,
-        entropy: float | None = None,
-        seq_aux_loss: float | None = None,
+        entropy: Any = None,
+        seq_aux_loss: Any = None,
     ) -> None:
         """Records one optimizer step of one layer. counts_E: [E] tokens per expert over the
-        global batch; bias_E: [E] balancing bias (float32 in the model) or None."""
+        global batch; bias_E: [E] balancing bias (float32 in the model) or None; entropy and
+        seq_aux_loss: numbers or 0-d tensors. A tensor bias is copied (the model updates its own
+        in place)."""
         if not isinstance(layer, int) or layer < 0:
             raise ValueError(f"layer must be an int >= 0, got {layer!r}")
-        c = _as_vector(counts_E, "counts_E", self.n_experts)
-        if np.any(c < 0):
-            raise ValueError(f"counts_E must be >= 0, got {c.tolist()}")
-        latest: dict[str, Any] = {"counts": c}
+        latest: dict[str, Any] = {"counts": self._vector(counts_E, "counts_E")}
         if bias_E is not None:
-            latest["bias"] = _as_vector(bias_E, "bias_E", self.n_experts)
-        if entropy is not None:
-            latest["entropy"] = float(entropy)
-        if seq_aux_loss is not None:
-            latest["seq_aux_loss"] = float(seq_aux_loss)
-        self._counts.setdefault(layer, deque(maxlen=self.window)).append(c)
+            latest["bias"] = self._vector(bias_E, "bias_E")
+        for key, v in (("entropy", entropy), ("seq_aux_loss", seq_aux_loss)):
+            if v is not None:
+                latest[key] = v.detach().reshape(1) if hasattr(v, "detach") else float(v)
+        self._counts.setdefault(layer, deque(maxlen=self.window)).append(latest["counts"])
         self._latest[layer] = latest
-        run = self._zero_run.get(layer, np.zeros(self.n_experts, dtype=np.int64))
-        self._zero_run[layer] = np.where(c == 0, run + 1, 0)
+        self._zero_run[layer] = _zero_run(latest["counts"], self._zero_run.get(layer))
+
+    def _vector(self, x: Any, name: str) -> Any:
+        """A tensor (shape checked, kept on its device) or a validated float64 numpy vector."""
+        if hasattr(x, "detach"):
+            if tuple(x.shape) != (self.n_experts,):
+                raise ValueError(
+                    f"{name} must have length {self.n_experts} (n_experts), got {tuple(x.shape)}"
+                )
+            return x.detach().clone()
+        return _checked(_as_vector(x, name, self.n_experts), name)
+
+    def _read(self) -> None:
+        """Replace every tensor held by numpy values, in one transfer per device."""
+        slots: list[tuple[Any, Any, str]] = []  # (container, key, name)
+        for layer, latest in self._latest.items():
+            slots += [(latest, k, k) for k, v in latest.items() if hasattr(v, "detach")]
+            q = self._counts[layer]
+            slots += [(q, i, "counts_E") for i, v in enumerate(q) if hasattr(v, "detach")]
+            if hasattr(self._zero_run[layer], "detach"):
+                slots.append((self._zero_run, layer, "zero_run"))
+        by_device: dict[Any, list[tuple[Any, Any, str]]] = {}
+        for slot in slots:
+            by_device.setdefault(slot[0][slot[1]].device, []).append(slot)
+        for group in by_device.values():
+            flat = _host_concat([c[k] for c, k, _ in group])
+            start = 0
+            for container, key, name in group:
+                n = container[key].numel()
+                v = flat[start : start + n]
+                start += n
+                if name in ("entropy", "seq_aux_loss"):
+                    container[key] = float(v[0])
+                elif name == "zero_run":
+                    container[key] = v.astype(np.int64)
+                else:
+                    container[key] = _checked(_as_vector(v, name, self.n_experts), name)
 
     @property
     def layers(self) -> list[int]:
@@ -187,16 +226,19 @@ class MoEStatsTracker:
         """[E] tokens per expert summed over the last `window` updates of `layer`."""
         if layer not in self._counts:
             raise ValueError(f"layer {layer} has no updates; known layers: {self.layers}")
+        self._read()
         return np.sum(np.stack(list(self._counts[layer])), axis=0)
 
     def steps_without_tokens(self, layer: int) -> np.ndarray:
         """[E] for each expert of `layer`, the consecutive latest updates it received no token."""
         if layer not in self._zero_run:
             raise ValueError(f"layer {layer} has no updates; known layers: {self.layers}")
+        self._read()
         return self._zero_run[layer].copy()
 
     def metrics(self) -> dict[str, float | int | list[float]]:
         """The keys listed in the class docstring, for every layer updated so far."""
+        self._read()
         out: dict[str, float | int | list[float]] = {}
         vios, vios_g = [], []
         for layer in self.layers:
@@ -234,6 +276,7 @@ class MoEStatsTracker:
 
     # ---- checkpointed state (plain JSON: lists, numbers; floats round-trip exactly) ---------
     def state_dict(self) -> dict[str, Any]:
+        self._read()
         layers = {}
         for layer in self.layers:
             latest = self._latest[layer]
@@ -263,6 +306,32 @@ class MoEStatsTracker:
                 for k, v in s["latest"].items()
             }
             self._zero_run[layer] = np.asarray(s["steps_without_tokens"], dtype=np.int64)
+
+
+def _checked(c: np.ndarray, name: str) -> np.ndarray:
+    if name == "counts_E" and np.any(c < 0):
+        raise ValueError(f"counts_E must be >= 0, got {c.tolist()}")
+    return c
+
+
+def _zero_run(counts_E: Any, run_E: Any) -> Any:
+    """[E] consecutive updates without a token, after `counts_E` (run_E: the runs before it, or
+    None). Computed where the counts are: a tensor's runs stay on its device, unread."""
+    zero_E = counts_E == 0
+    if hasattr(counts_E, "detach"):
+        zero_E = zero_E.long()
+        if run_E is not None and not hasattr(run_E, "detach"):  # restored from a checkpoint
+            run_E = zero_E.new_tensor(run_E)
+    else:
+        zero_E = zero_E.astype(np.int64)
+    return zero_E if run_E is None else (run_E + 1) * zero_E
+
+
+def _host_concat(tensors: list[Any]) -> np.ndarray:
+    """One device -> host copy of several same-device tensors, as float64."""
+    import torch  # the tracker itself needs numpy only
+
+    return torch.cat([t.double().reshape(-1) for t in tensors]).cpu().numpy()
 
 
 def _num(v: float) -> float | int:

@@ -12,9 +12,11 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -22,13 +24,14 @@ from deepsuite.atomic import atomic_write_text
 from deepsuite.checkpoint.export import export_safetensors
 from deepsuite.checkpoint.layout import tag_for_step
 from deepsuite.checkpoint.run import TrainerState, resume_run, save_run
-from deepsuite.config import Config, ConfigError, load_config
+from deepsuite.config import Config, load_config
 from deepsuite.data.loader import model_inputs
 from deepsuite.distributed.comm import guard_collectives
 from deepsuite.distributed.expert_parallel import (
     moe_layers,
     sync_and_update_bias,
 )
+from deepsuite.errors import run_main
 from deepsuite.models import count_parameters
 from deepsuite.runlog import JSONL_NAME, keep_steps_up_to
 from deepsuite.training import preemption
@@ -79,7 +82,7 @@ class Trainer:
             max_vio=log.alert_max_vio,
             after_steps=log.alert_after_steps,
         )
-        self.history: list[float] = []
+        self.history: list[float | torch.Tensor] = []  # device values until read (logging)
         self.last_val: dict[str, float] = {}
         self.peak_flops = self.cfg.logging.peak_tflops * 1e12
         m, a = self.cfg.model, self.cfg.mla
@@ -106,6 +109,7 @@ class Trainer:
             self.alerts.load_state_dict(state.metrics_window["alerts"])
 
     def save(self) -> Path:
+        self._read([])  # the losses still on the device, as numbers in the checkpoint
         state = TrainerState(
             step=self.step,
             tokens_seen=self.tokens_seen,
@@ -129,15 +133,24 @@ class Trainer:
 
     # ---- one optimizer step ------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
-        """grad_accum micro-batches, one optimizer step, one bias update; returns global metrics."""
+        """grad_accum micro-batches, one optimizer step, one bias update; returns global metrics.
+
+        Nothing computed on the device is read here: the losses, expert counts, bias and
+        routing statistics stay device tensors in the returned metrics and in the tracker, and
+        :meth:`read_metrics` fetches them in one transfer on the steps that log. (The
+        all-to-all numbers are host numbers already: the dispatcher read its split sizes.) Every
+        collective of the step (bias counts, statistics) runs on tensors on the engine's
+        device, as nccl requires.
+        """
         engine, heads = self.engine, [h.name for h in self.cfg.model.aux_heads]
+        dev = engine.device
         t = dict.fromkeys(("forward", "backward", "optimizer", "dispatch"), 0.0)
-        mine = StepStats(heads)
+        mine = StepStats(heads, device=dev)
         start = time.perf_counter()
         for _ in range(self.grad_accum):
             batch = next(self.train_loader)
             t0 = time.perf_counter()
-            out = engine(**model_inputs(batch, engine.device, self.cfg.data.document_masking))
+            out = engine(**model_inputs(batch, dev, self.cfg.data.document_masking))
             t1 = time.perf_counter()
             engine.backward(out.loss)
             t2 = time.perf_counter()
@@ -146,16 +159,16 @@ class Trainer:
             t["forward"] += t1 - t0
             t["backward"] += t2 - t1
             t["optimizer"] += t3 - t2
-            mine.add("lm_loss", out.lm_loss.detach().double().cpu())
+            mine.add("lm_loss", out.lm_loss.detach().double())
             for name in heads:
-                mine.add(f"aux/{name}", out.aux_losses[name].detach().double().cpu())
+                mine.add(f"aux/{name}", out.aux_losses[name].detach().double())
             for _, moe in self.layers:
                 comm = getattr(moe.dispatcher, "last_comm_stats", None)  # all-to-all only
                 if comm is not None:
                     mine.add("rows_received", comm.rows_received)
                     mine.add("a2a_bytes", comm.bytes_sent)
                     mine.add("a2a_time_s", comm.a2a_time_s)
-        t["dispatch"] = mine["a2a_time_s"]
+        t["dispatch"] = mine.host("a2a_time_s")
         counts = sync_and_update_bias(self.model, self.gamma(self.tokens_seen))
         ranks = mine.all_gather()
         elapsed = time.perf_counter() - start
@@ -167,12 +180,12 @@ class Trainer:
         self.history.append(loss)
         for (layer, moe), c in zip(self.layers, counts.values(), strict=True):
             stats = moe.last_stats
-            seq_aux = (
-                None if stats is None or stats.seq_aux_loss is None else float(stats.seq_aux_loss)
-            )
-            entropy = None if stats is None else float(stats.entropy)
             self.tracker.update(
-                layer, c, moe.router.expert_bias, entropy=entropy, seq_aux_loss=seq_aux
+                layer,
+                c,
+                moe.router.expert_bias,
+                entropy=None if stats is None else stats.entropy,
+                seq_aux_loss=None if stats is None else stats.seq_aux_loss,
             )
         metrics: dict[str, Any] = {
             "loss/train": loss,
@@ -189,18 +202,50 @@ class Trainer:
             )
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
-            metrics["optim/grad_norm"] = float(grad_norm)
+            metrics["optim/grad_norm"] = grad_norm
         if self.cfg.parallel.ep > 1:  # the straggler view: expert rows each rank computed
-            metrics.update(
+            fields = ("rows_received", "a2a_bytes", "a2a_time_s")
+            metrics["comm/_per_rank"] = torch.stack([ranks.per_rank(f) for f in fields], dim=1)
+        return metrics
+
+    def read_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """``metrics`` with every device value read, together with the loss history's (one
+        transfer), ready for the sinks."""
+        tensors = {k: v for k, v in metrics.items() if isinstance(v, torch.Tensor)}
+        out = {k: v for k, v in metrics.items() if k not in tensors}
+        for k, v in zip(tensors, self._read(list(tensors.values())), strict=True):
+            out[k] = v[0] if len(v) == 1 else v
+        per_rank = out.pop("comm/_per_rank", None)
+        if per_rank is not None:
+            per_rank = np.asarray(per_rank).reshape(-1, 3)
+            out.update(
                 comm_stats(
-                    ranks.per_rank("rows_received").numpy(),
-                    a2a_bytes=ranks.sum("a2a_bytes"),
-                    a2a_time_s=ranks.max("a2a_time_s"),
-                    a2a_bytes_R=ranks.per_rank("a2a_bytes").numpy(),
-                    a2a_time_R=ranks.per_rank("a2a_time_s").numpy(),
+                    per_rank[:, 0],
+                    a2a_bytes=float(per_rank[:, 1].sum()),
+                    a2a_time_s=float(per_rank[:, 2].max()),
+                    a2a_bytes_R=per_rank[:, 1],
+                    a2a_time_R=per_rank[:, 2],
                 )
             )
-        return metrics
+        return out
+
+    def _read(self, tensors: list[torch.Tensor]) -> list[list[float]]:
+        """``tensors`` as flat lists of numbers, read in one transfer together with the training
+        losses the history still holds on the device (which become numbers)."""
+        pending = [i for i, v in enumerate(self.history) if isinstance(v, torch.Tensor)]
+        parts = [v.detach().double().reshape(-1) for v in tensors]
+        parts += [self.history[i].detach().double().reshape(1) for i in pending]
+        if not parts:
+            return []
+        dev = parts[0].device
+        flat = torch.cat([p.to(dev) for p in parts]).cpu().tolist()  # the one transfer
+        values, start = [], 0
+        for p in parts:
+            values.append(flat[start : start + p.numel()])
+            start += p.numel()
+        for i, v in zip(pending, values[len(tensors) :], strict=True):
+            self.history[i] = v[0]
+        return values[: len(tensors)]
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -210,20 +255,24 @@ class Trainer:
             return {}
         engine = self.engine
         engine.eval()
-        loss_sum = torch.zeros(())
-        counts = [torch.zeros(m.n_routed_experts, dtype=torch.int64) for _, m in self.layers]
+        dev = engine.device
+        loss_sum = torch.zeros((), device=dev)
+        counts = [
+            torch.zeros(m.n_routed_experts, dtype=torch.int64, device=dev) for _, m in self.layers
+        ]
         n = 0
         for batch in loader:
             if n == self.cfg.train.eval_batches:
                 break
-            out = engine(**model_inputs(batch, engine.device, self.cfg.data.document_masking))
-            loss_sum += out.lm_loss.float().cpu()
+            out = engine(**model_inputs(batch, dev, self.cfg.data.document_masking))
+            loss_sum += out.lm_loss.float()
             for c, (_, m) in zip(counts, self.layers, strict=True):
-                c += m.last_stats.counts_E.cpu()
+                c += m.last_stats.counts_E
             n += 1
         engine.train()
-        flat = torch.cat([loss_sum.view(1), *[c.double() for c in counts]])
+        flat = torch.cat([loss_sum.view(1).double(), *[c.double() for c in counts]])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat = flat.cpu().numpy()  # the one read of the evaluation
         out: dict[str, float] = {"loss/val": float(flat[0]) / (n * self.world)}
         offset = 1
         for layer, m in self.layers:
@@ -298,18 +347,26 @@ class Trainer:
 
     def log_step(self, metrics: dict[str, Any], *, last: bool) -> None:
         """Alerts, the MoE window metrics every ``moe_every`` steps, evaluation, the log line,
-        and the heatmaps for wandb every ``images_every`` steps and at the end."""
+        and the heatmaps for wandb every ``images_every`` steps and at the end.
+
+        Only the steps that log read the device (the step's metrics in one transfer, the
+        tracker's in one more), so alerts are checked on those steps: every step with the default
+        ``log_every=1``. The tracker counts every step on the device (window and runs without a
+        token), so what a check sees does not depend on how often it runs."""
         cfg, log, step = self.cfg.train, self.cfg.logging, self.step
-        for alert in self.alerts.check(self.tracker, step):
-            self.logger.alert(alert.title, alert.text)
         moe_step = step % log.moe_every == 0 or step == cfg.steps
-        if moe_step:
-            metrics.update(self.tracker.metrics())
-        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-            with guard_collectives("evaluate", step):
-                metrics.update(self.evaluate())
-        if step % log.log_every == 0 or moe_step or "loss/val" in metrics:
-            self.logger.log(metrics, step=step)
+        eval_step = bool(cfg.eval_every) and (step % cfg.eval_every == 0 or step == cfg.steps)
+        if step % log.log_every == 0 or moe_step or eval_step:
+            for alert in self.alerts.check(self.tracker, step):
+                self.logger.alert(alert.title, alert.text)
+            if moe_step:
+                metrics.update(self.tracker.metrics())
+            if eval_step:
+                with guard_collectives("evaluate", step):
+                    metrics.update(self.evaluate())
+            if step % log.log_every == 0 or moe_step or "loss/val" in metrics:
+                self.logger.log(self.read_metrics(metrics), step=step)
+        # other steps read nothing: their values stay on the device (the loss in the history)
         if log.wandb != "disabled" and (
             last or (log.images_every and step % log.images_every == 0)
         ):
@@ -319,6 +376,7 @@ class Trainer:
         self, first_step: int, elapsed: float, tokens: int, preempted: bool
     ) -> dict[str, Any]:
         """What this invocation did; rank 0 writes it to RUN_DIR/summary.json and prints it."""
+        self._read([])
         vio = {
             k: v
             for k, v in self.tracker.metrics().items()
@@ -385,7 +443,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, list[str]]:
     return args.config, args.overrides
 
 
-def train(cfg: Config) -> dict[str, Any]:
+def train(cfg: Config | Callable[[], Config]) -> dict[str, Any]:
+    """Build the run (``cfg`` or a function loading it: see ``build_run``) and train."""
     trainer = Trainer(build_run(cfg))
     return trainer.fit()
 
@@ -394,13 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     """0 when the run finished (or was requeued), preemption.NOT_FINISHED when it stopped early."""
     preemption.listen()  # a notice during start-up is kept (train/train.py calls it even earlier)
     config, overrides = parse_args(argv)
-    try:  # config errors are raised on every rank alike (before any collective, or on resume
-        summary = train(load_config(config, overrides))  # at a layout it cannot load): one line
-    except ConfigError as err:
-        print(f"deepsuite train: {err}", file=sys.stderr, flush=True)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        return 2
+    # loaded inside the run: its errors are agreed on by every rank like any other
+    summary = train(lambda: load_config(config, overrides))
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -408,4 +462,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, sys.argv[1:], "deepsuite train"))

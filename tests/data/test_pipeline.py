@@ -11,7 +11,8 @@ from deepsuite.data import (
     token_stream,
     validate_data_config,
 )
-from deepsuite.data.corpus import is_val_index
+from deepsuite.data.corpus import check_source, is_val_index
+from deepsuite.errors import DataError
 
 from .conftest import DOCS
 
@@ -52,7 +53,7 @@ def test_text_and_parquet_sources_load(tmp_path, make_cfg):
     for i, doc in enumerate(DOCS[:5]):
         (d / f"{i:02d}.txt").write_text(doc + "\nsecond line\n", encoding="utf-8")
     ds = load_documents(
-        make_cfg(source=str(d), text_field="text", val_fraction=0.0),
+        make_cfg(source=str(d), text_field="text", val_fraction=0.0, document_separator="file"),
         "train",
         streaming=False,
         hf_cache=str(tmp_path / "hf"),
@@ -153,3 +154,54 @@ def test_builtin_loader_yields_stdlib_text(make_cfg):
         "utf-8", "replace"
     )
     assert len(PackedLoader(cfg, tok, "val", 4)) > 0
+
+
+# ---- .txt files: documents end at blank lines, so a .txt corpus has a validation split -----------
+@pytest.mark.parametrize("streaming", [False, True])
+def test_txt_splits_into_documents_at_blank_lines(tmp_path, make_cfg, streaming):
+    path = tmp_path / "book.txt"
+    path.write_text("\n\n".join(f"{doc}\nits second line" for doc in DOCS), encoding="utf-8")
+    hf = str(tmp_path / "hf")
+    want = [f"{doc}\nits second line" for doc in DOCS]
+    by = {
+        "blank_line": want,
+        "line": [line for doc in want for line in doc.split("\n")],
+        "file": [path.read_text(encoding="utf-8")],
+    }
+    for sep, docs in by.items():
+        cfg = make_cfg(
+            source=str(path), text_field="text", val_fraction=0.0, document_separator=sep
+        )
+        assert [
+            r["text"] for r in load_documents(cfg, "train", streaming=streaming, hf_cache=hf)
+        ] == docs
+    cfg = make_cfg(source=str(path), text_field="text", val_fraction=0.1)
+    val = [r["text"] for r in load_documents(cfg, "val", streaming=streaming, hf_cache=hf)]
+    assert val == [d for i, d in enumerate(want) if is_val_index(i, 0.1)] and len(val) == 6
+
+
+def test_an_empty_split_says_what_helps(tmp_path, make_cfg):
+    path = tmp_path / "one.txt"
+    path.write_text("one document only, " * 50, encoding="utf-8")
+    cfg = make_cfg(source=str(path), text_field="text", val_fraction=0.1, document_separator="file")
+    with pytest.raises(DataError) as info:
+        token_stream(cfg, ByteTokenizer(), "val", cfg.cache_dir)
+    msg = str(info.value)
+    assert "the corpus has 1 document" in msg and "floor(1 x 0.1) = 0" in msg
+    assert "data.document_separator" in msg and "data.val_fraction=0" in msg
+    few = make_cfg(val_fraction=0.01)  # 60 documents: none of them is 'val' at 1%
+    with pytest.raises(DataError, match=r"raise data.val_fraction to at least 0.0167"):
+        token_stream(few, ByteTokenizer(), "val", few.cache_dir)
+
+
+def test_the_first_record_is_read_before_launch(tmp_path, make_cfg, jsonl_corpus):
+    check_source(make_cfg())  # the fixture's field is 'body'
+    with pytest.raises(
+        DataError, match=r"data.text_field: 'text' is not a field .*\['body', 'id'\]"
+    ):
+        check_source(make_cfg(text_field="text"))
+    with pytest.raises(DataError, match=r"data.text_field: 'id' .* holds int"):
+        check_source(make_cfg(text_field="id"))
+    (tmp_path / "t.csv").write_text("title,body\nx,some text\n")
+    check_source(make_cfg(source=str(tmp_path / "t.csv")))  # .csv: one document per row
+    assert not (tmp_path / "cache").exists()  # nothing cached by the check

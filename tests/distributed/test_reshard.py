@@ -1,8 +1,9 @@
 """Resharding: a run saved at EP 4 resumes at EP 2 and at 1 with the next-step loss of the
-uninterrupted EP-4 run; the offline converter round-trips 4 -> 1 -> 2 -> 4 bit-exactly.
+uninterrupted EP-4 run; the offline converter round-trips 4 -> 1 -> 2 -> 4 bit-exactly; a ZeRO-3
+run at EP 2 x DP 2 converts to ZeRO 1 at EP 2 and back bit-exactly and trains on equal to itself.
 
-All runs use the real trainer (train/train.py under torchrun) on gloo, fp32, ZeRO 1; global batch
-16 = micro 4 x world x accumulation, so every world size sees the same micro-batches.
+All runs use the real trainer (train/train.py under torchrun) on gloo, fp32, ZeRO 1 unless named;
+global batch 16 = micro 4 x world x accumulation, so every world size sees the same micro-batches.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import torch
 
 from deepsuite.atomic import atomic_write_text
 from deepsuite.checkpoint import layout as ckpt
-from deepsuite.checkpoint.convert import reshard_checkpoint
+from deepsuite.checkpoint.convert import reshard_checkpoint, reshard_main
 from deepsuite.checkpoint.full_state import read_full_state, saved_layout
+from deepsuite.errors import run_main
 from tests.training.runner import losses, run_train
+from tests.training.test_train import final_state
 
 TAG = "step_00000002"
 BASE = [
@@ -29,6 +32,8 @@ BASE = [
     "moe.bias_update_speed=0.05",  # a bias that really moves: it must travel with the checkpoint
 ]
 TOL = 2e-5  # fp32: only the order of reductions differs between layouts
+ZERO1 = ["parallel.zero_stage=1", "parallel.deepspeed_config=configs/deepspeed/zero1.json"]
+ZERO3 = ["parallel.zero_stage=3", "parallel.deepspeed_config=configs/deepspeed/zero3.json"]
 
 
 def _ep(n: int) -> list[str]:
@@ -100,3 +105,56 @@ def test_converter_round_trip_4_1_2_4_and_resumes(ref, tmp_path):
     proc = run_train(run, [*BASE, *_ep(2), "train.steps=3", f"train.resume={d2.parent}"], nproc=2)
     assert "resharding" not in proc.stdout + proc.stderr
     assert losses(run)[3] == pytest.approx(ref_losses[3], abs=TOL)
+
+
+@pytest.mark.slow
+def test_zero3_reshards_to_zero1_and_back(tmp_path, capsys):
+    """ZeRO 3 at EP 2 x DP 2 (experts partitioned over 2-rank expert-data-parallel groups) ->
+    ZeRO 1 at EP 2 on 2 ranks -> ZeRO 3 at EP 2 x DP 2: nothing lost either way; a ZeRO-1 run
+    resuming the ZeRO-3 checkpoint, and a ZeRO-3 run resuming the ZeRO-1 one, train on equal to
+    the uninterrupted run, and the converted one resumes natively bit-identically."""
+    zero3 = [*BASE, *_ep(2), *ZERO3, "train.steps=3", "train.export_final=true"]
+    ref = tmp_path / "zero3"
+    run_train(ref, [*zero3, "train.save_every=2"], nproc=4)
+    src_tag, ref_losses = ref / "checkpoints" / TAG, losses(ref)
+    d1 = reshard_checkpoint(src_tag, tmp_path / "z1", ep=2, zero_stage=1)
+    back = [str(d1), str(tmp_path / "z3"), "--ep", "2", "--world", "4", "--zero-stage", "3"]
+    assert reshard_main(back) == 0  # the command line, as a user types it
+    d3 = tmp_path / "z3" / TAG
+    assert saved_layout(d1) == {"world": 2, "ep": 2, "zero": 1}
+    assert saved_layout(d3) == {"world": 4, "ep": 2, "zero": 3}
+    src = read_full_state(src_tag)
+    assert src.adam_step == 2 and src.moments["exp_avg"]
+    _same_state(src, read_full_state(d1))
+    _same_state(src, read_full_state(d3))
+    # bad input: one line naming the argument, nothing written
+    bad = [str(src_tag), str(tmp_path / "bad"), "--ep", "4", "--world", "2"]
+    assert run_main(reshard_main, bad, "deepsuite reshard") == 2  # through the error boundary
+    err = capsys.readouterr().err
+    assert err.startswith("deepsuite reshard: error: ") and "Traceback" not in err, err
+    assert not (tmp_path / "bad").exists()
+
+    run1 = tmp_path / "run_zero1"
+    resume = f"train.resume={_only_tag(src_tag, tmp_path / 'from_zero3')}"
+    over = [*BASE, *_ep(2), *ZERO1, "train.steps=3", "train.export_final=true", resume]
+    proc = run_train(run1, over, nproc=2)
+    assert "resharding" in proc.stdout + proc.stderr
+    assert losses(run1)[3] == pytest.approx(ref_losses[3], rel=1e-6)
+    a, b = final_state(ref), final_state(run1)
+    biases = [k for k in a if k.endswith("router.expert_bias")]
+    assert biases and all(torch.equal(a[k], b[k]) for k in biases)
+
+    run3 = tmp_path / "run_zero3"
+    proc = run_train(run3, [*zero3, f"train.resume={d3.parent}"], nproc=4)
+    assert "resharding" not in proc.stdout + proc.stderr
+    assert losses(run3) == {3: ref_losses[3]}
+    b = final_state(run3)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # on load the other way: a ZeRO-3 run at EP 2 x DP 2 resumes the ZeRO-1 checkpoint
+    run31 = tmp_path / "run_zero3_from_zero1"
+    proc = run_train(run31, [*zero3, f"train.resume={d1.parent}"], nproc=4)
+    assert "resharding" in proc.stdout + proc.stderr
+    assert losses(run31)[3] == pytest.approx(ref_losses[3], rel=1e-6)
+    b = final_state(run31)
+    assert all(torch.equal(a[k], b[k]) for k in biases)

@@ -65,6 +65,36 @@ def test_window_state_through_json_continues_exactly():
         MoEStatsTracker(6).load_state_dict(a.state_dict())
 
 
+def test_device_tensors_give_the_same_window_and_runs_read_only_when_asked():
+    """The trainer hands the tracker device tensors: they (and each expert's run without a
+    token) are kept unread until a reader asks, and give what numbers give, through a resume."""
+    import torch
+
+    from deepsuite.host_sync import HostSyncCounter
+
+    rng = np.random.default_rng(0)
+    loads = [rng.multinomial(60, [0.5, 0.3, 0.2, 0.0, 0.0]) for _ in range(7)]
+    loads[4][3] = 1  # expert 3 gets a token once: its run restarts
+    ref, dev = MoEStatsTracker(5, window=3), MoEStatsTracker(5, window=3)
+    with HostSyncCounter() as reads:
+        for c in loads[:5]:
+            dev.update(0, torch.tensor(c), torch.tensor(c / 10.0), entropy=torch.tensor(0.5))
+    assert reads.count == 0, reads.report()
+    for c in loads[:5]:
+        ref.update(0, c, c / 10.0, entropy=0.5)
+    assert dev.steps_without_tokens(0).tolist() == ref.steps_without_tokens(0).tolist()
+    assert dev.steps_without_tokens(0).tolist() == [0, 0, 0, 0, 5]
+    resumed = MoEStatsTracker(5, window=3)  # numbers from JSON, then tensors again
+    resumed.load_state_dict(json.loads(json.dumps(dev.state_dict())))
+    for c in loads[5:]:
+        ref.update(0, c, c / 10.0, entropy=0.5)
+        dev.update(0, torch.tensor(c), torch.tensor(c / 10.0), entropy=torch.tensor(0.5))
+        resumed.update(0, torch.tensor(c), torch.tensor(c / 10.0), entropy=torch.tensor(0.5))
+    assert dev.metrics() == ref.metrics() == resumed.metrics()
+    assert dev.state_dict() == ref.state_dict() == resumed.state_dict()
+    assert ref.steps_without_tokens(0).tolist() == [0, 0, 0, 2, 7]
+
+
 def test_expert_series_names_values_and_cap():
     tr = MoEStatsTracker(12, window=2)
     tr.update(3, [0] + [10] * 11, bias_E=np.arange(12) / 10)
@@ -112,6 +142,18 @@ def test_dead_expert_alert_fires_once_per_onset_after_warm_up():
     assert "expert 3 of 4 received no token for 3+ steps" in fired[0][2]
     assert "logging.alert_dead_steps=3" in fired[0][2]
     assert _alert_run(BalanceAlerts(dead_steps=0), loads) == []  # off
+
+
+def test_dead_expert_rearmed_by_a_token_between_sparse_checks():
+    """Checked every 3rd step (logging.log_every=3), a token between checks still re-arms."""
+    dead3 = [10, 10, 10, 0]
+    loads = [dead3] * 6 + [[10, 10, 10, 1]] + [dead3] * 5
+    alerts, tr, fired = BalanceAlerts(dead_steps=3), MoEStatsTracker(4, window=2), []
+    for step, c in enumerate(loads, start=1):
+        tr.update(1, c)
+        if step % 3 == 0:
+            fired += [a.step for a in alerts.check(tr, step)]
+    assert fired == [3, 12]  # re-armed at step 9 (a run of 2), dead for 5 steps at step 12
 
 
 def test_max_vio_alert_fires_once_then_rearms_after_a_clean_window():

@@ -18,8 +18,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .doc_mask import BlockMask, flex_attention
 from .kv_compression import LatentKVCache, compress_kv, mla_cache_values_per_token
 from .rope import RotaryPositionEmbedding
+
+_FLEX: list = []  # flex_attention compiled once, on first use (eager calls on CUDA)
+
+
+def _flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, scale: float) -> Tensor:
+    """flex_attention as a fused kernel: inside a compiled block torch.compile traces it; called
+    eagerly on CUDA it goes through one compiled wrapper (torchtitan does the same); eagerly on
+    the CPU (forward only) it is torch's unfused reference."""
+    # v arrives as a strided view (a split of kv_b_proj's output); torch 2.13's compiled CPU
+    # flex kernel reads such a v wrongly (errors of O(1), seen on the CPU), so it is copied
+    # first, on every device (the copy is one pass over V, small next to the attention)
+    v = v.contiguous()
+    fn = flex_attention
+    if q.is_cuda and not torch.compiler.is_compiling():
+        if not _FLEX:
+            _FLEX.append(torch.compile(flex_attention))
+        fn = _FLEX[0]
+    return fn(q, k, v, block_mask=block_mask, scale=scale)
 
 
 def _pick(seed_name: str, seed_val: object, ds_name: str, ds_val: object) -> object:
@@ -240,7 +259,9 @@ class MultiHeadLatentAttention(nn.Module):
         """(B, S, dim) -> (B, S, dim).
 
         attention_mask: None, a (B, T) padding mask over the keys (1/True = keep; T = S without a
-        cache, start_pos + S with one), or a boolean (B|1, 1|H, S, T) mask (ANDed with causal).
+        cache, start_pos + S with one), a boolean (B|1, 1|H, S, T) mask (ANDed with causal), or
+        a FlexAttention ``BlockMask`` (e.g. ``document_block_mask``; it replaces the whole mask,
+        causality included), attended by ``flex_attention`` (no cache, no dropout).
         cache: a ``LatentKVCache``; writes at ``start_pos`` and attends over ``[0, start_pos + S)``.
         position_ids: rope positions (S,) or (B, S); default ``start_pos + arange(S)``.
         absorb: force the absorbed (True) or naive (False) path; default: absorbed when a cache is
@@ -260,7 +281,10 @@ class MultiHeadLatentAttention(nn.Module):
         H, N, R = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
         if absorb is None:
             absorb = cache is not None and self.absorb_max_query_len >= S
-        padded = attention_mask is not None
+        flex = BlockMask is not None and isinstance(attention_mask, BlockMask)
+        if flex:
+            self._check_block_mask(attention_mask, B, S, cache, absorb)
+        padded = attention_mask is not None and not flex
 
         if self.q_lora_rank == 0:
             q = self.q_proj(x_BSD)
@@ -283,7 +307,7 @@ class MultiHeadLatentAttention(nn.Module):
         else:
             c_BTC, kr_BTR, offset = c_BSC, kr_BSR, 0
         T = c_BTC.shape[1]
-        mask = self._mask(attention_mask, B, S, T, offset, x_BSD.device)
+        mask = attention_mask if flex else self._mask(attention_mask, B, S, T, offset, x_BSD.device)
         if absorb:
             o_BSHV = self._absorbed(q_nope_BSHN, q_pe_BSHR, c_BTC, kr_BTR, mask, padded, kv_BTE)
         else:
@@ -297,15 +321,28 @@ class MultiHeadLatentAttention(nn.Module):
         )
         return w_HXC.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
 
+    def _check_block_mask(self, bm: BlockMask, B: int, S: int, cache, absorb: bool) -> None:
+        if cache is not None or absorb:
+            raise ValueError("a BlockMask attention_mask works without a cache (training, prefill)")
+        if self.dropout and self.training:
+            raise ValueError("a BlockMask attention_mask needs dropout 0 (flex_attention has none)")
+        if bm.shape[0] not in (1, B) or tuple(bm.shape[-2:]) != (S, S):
+            raise ValueError(
+                f"BlockMask attention_mask: expected shape (B|1, *, {S}, {S}), got {tuple(bm.shape)}"
+            )
+
     def _naive(self, q_nope_BSHN, q_pe_BSHR, c_BTC, kr_BTR, mask, padded) -> Tensor:
-        """Reference: expand the latents to per-head K/V, then attention."""
+        """Reference: expand the latents to per-head K/V, then attention (``mask`` may be a
+        FlexAttention BlockMask)."""
         B, T, H = c_BTC.shape[0], c_BTC.shape[1], self.n_heads
         kv_BTHX = self.kv_b_proj(c_BTC).view(B, T, H, self.qk_nope_head_dim + self.v_head_dim)
         k_nope_BTHN, v_BTHV = kv_BTHX.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         k_BTHE = torch.cat((k_nope_BTHN, kr_BTR.unsqueeze(2).expand(-1, -1, H, -1)), dim=-1)
         q_BSHE = torch.cat((q_nope_BSHN, q_pe_BSHR), dim=-1)
         q, k, v = q_BSHE.transpose(1, 2), k_BTHE.transpose(1, 2), v_BTHV.transpose(1, 2)
-        if self.use_sdpa and self.causal and not padded and q.shape[2] == T > 1:
+        if BlockMask is not None and isinstance(mask, BlockMask):
+            o = _flex_attention(q, k, v, mask, self.softmax_scale)
+        elif self.use_sdpa and self.causal and not padded and q.shape[2] == T > 1:
             # plain causal self-attention: let SDPA pick a flash kernel instead of reading a mask
             p = self.dropout if self.training else 0.0
             o = F.scaled_dot_product_attention(

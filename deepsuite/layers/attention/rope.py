@@ -132,12 +132,24 @@ def yarn_correction_range(
 
 
 def rope_inv_freq(
-    dim: int, base: float, scaling: RopeScaling, seq_len: int | None = None
+    dim: int, base: float, scaling: RopeScaling, seq_len: int | Tensor | None = None
 ) -> Tensor:
-    """Inverse frequencies (P,) in float32 for ``dim`` rotary dims; ``seq_len`` drives "dynamic"."""
+    """Inverse frequencies (P,) in float32 for ``dim`` rotary dims; ``seq_len`` drives "dynamic".
+
+    ``seq_len`` may be a 0-d tensor (the largest position + 1, still on the device): the
+    stretch is then chosen on the device, and the result lives there, with no host read.
+    """
     exponent = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     if scaling.kind == "ntk":  # static NTK-aware: stretch the base once
         base = base * scaling.factor ** (dim / (dim - 2))
+    elif scaling.kind == "dynamic" and isinstance(seq_len, Tensor):
+        orig = scaling.original_max_seq_len
+        if orig is None:
+            raise ValueError("dynamic rope scaling with a tensor seq_len needs an original length")
+        s = seq_len.to(torch.float64)
+        stretch = ((scaling.factor * s / orig) - (scaling.factor - 1)) ** (dim / (dim - 2))
+        base_t = torch.where(s > orig, base * stretch, torch.full_like(s, base))
+        return 1.0 / (base_t.float() ** exponent.to(s.device))
     elif scaling.kind == "dynamic" and seq_len is not None:
         orig = scaling.original_max_seq_len or seq_len
         if seq_len > orig:
@@ -233,37 +245,44 @@ class RotaryPositionEmbedding(nn.Module):
     def positions(
         self, batch: int, seq_len: int, start_pos: int = 0, position_ids: Tensor | None = None
     ) -> Tensor:
-        """Validated (B, S) int64 positions: ``position_ids`` or ``start_pos + arange(S)``."""
+        """Validated (B, S) int64 positions: ``position_ids`` or ``start_pos + arange(S)``.
+
+        Given position ids are range-checked on the device (an asynchronous assert: the host
+        never waits for their values; on a GPU a bad id fails the next synchronising call).
+        """
         dev = self.inv_freq.device
+        limited = self.scaling.kind != "dynamic"  # dynamic NTK extrapolates past max_seq_len
         if position_ids is None:
             if not isinstance(start_pos, int) or start_pos < 0:
                 raise ValueError(f"start_pos must be a non-negative int, got {start_pos!r}")
-            pos = torch.arange(start_pos, start_pos + seq_len, device=dev).expand(batch, seq_len)
-        else:
-            if not isinstance(position_ids, Tensor) or position_ids.is_floating_point():
-                raise TypeError("position_ids must be an integer tensor of shape (S,) or (B, S)")
-            pos = position_ids.to(dev)
-            if pos.dim() == 1:
-                pos = pos.expand(batch, -1)
-            if pos.shape != (batch, seq_len):
-                raise ValueError(
-                    f"position_ids must have shape ({seq_len},) or ({batch}, {seq_len}), got {tuple(position_ids.shape)}"
-                )
-            if seq_len and int(pos.min()) < 0:
-                raise ValueError("position_ids must be non-negative")
-        if seq_len and self.scaling.kind != "dynamic":
-            top = int(pos.max())
-            if top >= self.max_seq_len:
+            top = start_pos + seq_len - 1
+            if seq_len and limited and top >= self.max_seq_len:
                 raise ValueError(f"position {top} is beyond max_seq_len={self.max_seq_len}")
+            return torch.arange(start_pos, start_pos + seq_len, device=dev).expand(batch, seq_len)
+        if not isinstance(position_ids, Tensor) or position_ids.is_floating_point():
+            raise TypeError("position_ids must be an integer tensor of shape (S,) or (B, S)")
+        pos = position_ids.to(dev)
+        if pos.dim() == 1:
+            pos = pos.expand(batch, -1)
+        if pos.shape != (batch, seq_len):
+            raise ValueError(
+                f"position_ids must have shape ({seq_len},) or ({batch}, {seq_len}), got {tuple(position_ids.shape)}"
+            )
+        if seq_len:
+            ok = (pos >= 0) & (pos < self.max_seq_len) if limited else pos >= 0
+            torch._assert_async(
+                ok.all(),
+                f"position_ids: expected values in [0, {self.max_seq_len})"
+                if limited
+                else "position_ids: expected values >= 0",
+            )
         return pos
 
     def cos_sin(self, pos_BS: Tensor) -> tuple[Tensor, Tensor]:
         """float32 (B, S, P) cos and sin (times ``attention_factor``) for positions (B, S)."""
         inv_freq = self.inv_freq
-        if self.scaling.kind == "dynamic" and pos_BS.numel():
-            inv_freq = rope_inv_freq(self.dim, self.base, self.scaling, int(pos_BS.max()) + 1).to(
-                inv_freq.device
-            )
+        if self.scaling.kind == "dynamic" and pos_BS.numel():  # stretched on the device
+            inv_freq = rope_inv_freq(self.dim, self.base, self.scaling, pos_BS.max() + 1)
         ang_BSP = pos_BS.float().unsqueeze(-1) * inv_freq.float()
         return ang_BSP.cos() * self.attention_factor, ang_BSP.sin() * self.attention_factor
 

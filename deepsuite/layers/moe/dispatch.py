@@ -104,7 +104,11 @@ def _pad_rows(x: Tensor, n: int) -> Tensor:
 @runtime_checkable
 class Dispatcher(Protocol):
     """dispatch -> (ExpertRows sorted by local expert, counts_L int64, state);
-    combine(z_MD, state) -> out_TD."""
+    combine(z_MD, state) -> out_TD.
+
+    A dispatcher that must read sizes on the host (an all-to-all's split sizes) says so with a
+    class attribute ``traceable = False``: the MoE layer then keeps dispatch -> experts ->
+    combine out of compiled graphs (absent means True)."""
 
     def dispatch(
         self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor
@@ -130,13 +134,17 @@ class LocalDispatcher:
     """Single-device dispatcher: stable sort of the T*K (token, slot) pairs by expert id.
 
     Empty slots (id -1) sort last and are cut off, so tokens may carry different numbers of
-    experts. The source rows are the tokens themselves, so ``combine`` has nothing to move.
+    experts; finding how many rows remain is a host read. ``empty_slots=False`` promises that
+    every slot holds an expert (no top-p; ``DeepSeekMoE`` checks it): then N = T*K and the
+    dispatch reads nothing from the device and has static shapes. The source rows are the tokens themselves, so ``combine`` has
+    nothing to move.
     """
 
-    def __init__(self, n_experts: int) -> None:
+    def __init__(self, n_experts: int, *, empty_slots: bool = True) -> None:
         if isinstance(n_experts, bool) or not isinstance(n_experts, int) or n_experts < 1:
             raise ValueError(f"n_experts must be an int >= 1, got {n_experts!r}")
         self.n_experts = n_experts
+        self.empty_slots = bool(empty_slots)
 
     def dispatch(
         self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor
@@ -158,12 +166,16 @@ class LocalDispatcher:
             )
         K = ids_TK.shape[1]
         # empty slots get key E: they sort after every real expert and are cut off below
-        key_S = torch.where(ids_TK < 0, self.n_experts, ids_TK).reshape(-1)
-        order_S = torch.sort(key_S, stable=True)[1]
+        E = self.n_experts
+        key_S = torch.where(ids_TK < 0, E, ids_TK).reshape(-1)
+        sorted_S, order_S = torch.sort(key_S, stable=True)
         row_S = torch.empty_like(order_S)
         row_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
-        counts = torch.bincount(key_S, minlength=self.n_experts + 1)
-        n_rows = key_S.numel() - int(counts[self.n_experts])  # host sync: N sizes the output
+        # each expert's first row in the sorted keys; the last bound is where empty slots begin
+        bounds = torch.searchsorted(sorted_S, torch.arange(E + 1, device=key_S.device))
+        counts_E = bounds.diff()
+        # every slot holds an expert: N = T*K, nothing to read; else N sizes the rows: a read
+        n_rows = int(bounds[E]) if self.empty_slots else key_S.numel()
         slot_N = order_S[:n_rows]
         rows = ExpertRows(
             x_TD,
@@ -171,7 +183,7 @@ class LocalDispatcher:
             weights_TK.reshape(-1).index_select(0, slot_N),
             SlotMap(slot_N, row_S),
         )
-        return rows, counts[: self.n_experts], LocalState(x_TD.shape[0], x_TD.dtype)
+        return rows, counts_E, LocalState(x_TD.shape[0], x_TD.dtype)
 
     def combine(self, z_TD: Tensor, state: LocalState) -> Tensor:
         """z_TD [T, D], the experts' weighted sums per token -> out_TD in x's dtype."""

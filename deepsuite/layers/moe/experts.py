@@ -5,11 +5,16 @@ L local experts. Each expert e computes ``y = down_e(silu(gate_e x) * up_e x)`` 
 contiguous slice of rows; there is no capacity and no padding (dropless).
 
 Paths (all equal to ``forward_reference``, a per-expert autograd loop, held by tests):
-- CPU / other: one autograd Function that loops over the slices with ``torch.mm(out=...)``
-  into preallocated buffers (no cat/stack copies, no zero-filled slice gradients), with the
-  dispatcher's gather and the gate-weighted combine fused in (``ExpertRows``) and slice-sized
-  scratch for the temporaries.
-- CUDA bf16/fp16: ``torch._grouped_mm`` (one kernel per projection, no host sync).
+- CPU eager (the loop path): one autograd Function that loops over the slices with
+  ``torch.mm(out=...)`` into preallocated buffers (no cat/stack copies, no zero-filled slice
+  gradients), with the dispatcher's gather and the gate-weighted combine fused in
+  (``ExpertRows``) and slice-sized scratch for the temporaries. Its slices are sized on the host:
+  it reads ``counts_L`` once per call, by design.
+- The device path: three grouped GEMMs (``grouped_mm``: ``torch._grouped_mm``) over rows
+  gathered by the dispatcher's index, offsets from the device counts: no host read, static
+  shapes when N is static, compile-clean. Taken on CUDA in bf16/fp16 and whenever the layer is
+  being compiled (the loop path's host-sized slices would break the graph); ``use_grouped_mm``
+  forces either (both run on the CPU).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .dispatch import ExpertRows
+from .grouped_mm import grouped_mm
 
 
 def _splits(counts_L: Tensor | Sequence[int], n_experts: int, n_rows: int) -> list[int]:
@@ -51,11 +57,10 @@ def _empty_grad(w_L: Tensor, bounds: list[tuple[int, int, int]]) -> Tensor:
     """Weight-gradient buffer: rows of experts with tokens are overwritten by mm(out=...), so
     only the experts that received no token are zeroed (saves a full-size fill)."""
     grad = torch.empty_like(w_L)
-    busy = torch.zeros(w_L.shape[0], dtype=torch.bool)
-    busy[[e for e, _, _ in bounds]] = True
-    idle = (~busy).nonzero().flatten().tolist()
-    if idle:
-        grad[idle] = 0
+    busy = {e for e, _, _ in bounds}
+    for e in range(w_L.shape[0]):
+        if e not in busy:
+            grad[e] = 0
     return grad
 
 
@@ -176,11 +181,11 @@ def _rows(x_MD: Tensor, index_N: Tensor | None, s: int, t: int, buf: Tensor | No
 def _grouped_swiglu(
     x_ND: Tensor, gate_LFD: Tensor, up_LFD: Tensor, down_LDF: Tensor, counts_L: Tensor
 ) -> Tensor:
-    """CUDA path: three ``torch._grouped_mm`` calls; offs are cumulative row ends (int32)."""
+    """The device path: three grouped GEMMs; offs are cumulative row ends (int32)."""
     offs = torch.cumsum(counts_L.to(device=x_ND.device), 0).to(torch.int32)
-    g = torch._grouped_mm(x_ND, gate_LFD.transpose(-2, -1), offs=offs)
-    u = torch._grouped_mm(x_ND, up_LFD.transpose(-2, -1), offs=offs)
-    return torch._grouped_mm(F.silu(g) * u, down_LDF.transpose(-2, -1), offs=offs)
+    g = grouped_mm(x_ND, gate_LFD.transpose(-2, -1), offs)
+    u = grouped_mm(x_ND, up_LFD.transpose(-2, -1), offs)
+    return grouped_mm(F.silu(g) * u, down_LDF.transpose(-2, -1), offs)
 
 
 class GroupedExperts(nn.Module):
@@ -209,7 +214,8 @@ class GroupedExperts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(n_experts, d_hidden, d_model))
         self.up_proj = nn.Parameter(torch.empty(n_experts, d_hidden, d_model))
         self.down_proj = nn.Parameter(torch.empty(n_experts, d_model, d_hidden))
-        self.use_grouped_mm: bool | None = None  # None: auto (CUDA with bf16/fp16 only)
+        # None: auto (CUDA with bf16/fp16, or while being compiled); True/False force a path
+        self.use_grouped_mm: bool | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -287,18 +293,16 @@ class GroupedExperts(nn.Module):
             src = src.to(torch.get_autocast_dtype(src.device.type))
         grouped = self.use_grouped_mm
         if grouped is None:
-            grouped = (
-                src.is_cuda
-                and src.dtype in (torch.bfloat16, torch.float16)
-                and hasattr(torch, "_grouped_mm")
+            grouped = torch.compiler.is_compiling() or (
+                src.is_cuda and src.dtype in (torch.bfloat16, torch.float16)
             )
         # under autocast x is already in the autocast dtype: the weights follow it (fp32 master
         # weights with bf16 compute), on both paths
         w = [p.to(src.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
         if grouped:
-            if not isinstance(counts_L, Tensor) or not counts_L.is_cuda:
+            if not isinstance(counts_L, Tensor):
                 # host-side counts are checked like the loop path's; device counts are not (a
-                # check would cost the host sync this path exists to avoid)
+                # check would cost the host read this path exists to avoid)
                 counts_L = torch.tensor(_splits(counts_L, self.n_experts, n_rows))
             if counts_L.numel() != self.n_experts:
                 raise ValueError(

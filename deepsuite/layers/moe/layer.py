@@ -8,6 +8,7 @@ called once per optimizer step from outside ``forward``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,41 @@ from .router import Router, RouterOutput
 def _in_backward() -> bool:
     """True while autograd's engine is running (e.g. a checkpointed forward being recomputed)."""
     return torch._C._current_graph_task_id() != -1
+
+
+@torch.library.custom_op("deepsuite::outside_backward", mutates_args=())
+def _outside_backward(like: Tensor) -> Tensor:
+    """0-d int64 on ``like``'s device: 1 in a first forward, 0 while autograd recomputes it
+    (activation checkpointing). An op, not a Python branch, so a compiled block decides at run
+    time, also when a checkpoint wrapped around the compiled block replays it in backward."""
+    return torch.full((), int(not _in_backward()), dtype=torch.int64, device=like.device)
+
+
+@_outside_backward.register_fake
+def _(like: Tensor) -> Tensor:
+    return like.new_empty((), dtype=torch.int64)
+
+
+def _dispatch_compute_combine(
+    dispatcher: Dispatcher, experts: nn.Module, x_TD: Tensor, r: RouterOutput
+) -> Tensor:
+    rows, counts_L, state = dispatcher.dispatch(x_TD, r.ids_TK, r.weights_TK)
+    # per source row, the gate-weighted sum of its experts' outputs (gather and weighting fused
+    # into the experts), brought home by combine
+    return dispatcher.combine(experts(rows, counts_L), state)
+
+
+_EAGER: list[Callable[..., Tensor]] = []
+
+
+def _dispatch_compute_combine_eager() -> Callable[..., Tensor]:
+    """``_dispatch_compute_combine`` outside any compiled graph, for a dispatcher whose exchange
+    is sized on the host (``traceable = False``: the all-to-all reads its split sizes): the ONE
+    graph break per MoE layer under torch.compile with expert parallelism. Made on first use
+    (``torch.compiler.disable`` imports torch._dynamo, seconds at start-up)."""
+    if not _EAGER:
+        _EAGER.append(torch.compiler.disable(_dispatch_compute_combine))
+    return _EAGER[0]
 
 
 @dataclass
@@ -95,7 +131,10 @@ class DeepSeekMoE(nn.Module):
         self.shared_experts = (
             SwiGLU(d_model, shared_intermediate_size) if n_shared_experts > 0 else None
         )
-        self.dispatcher: Dispatcher = LocalDispatcher(n_routed_experts)
+        # without top-p every slot holds an expert: N = T*K, the dispatch reads nothing
+        self.dispatcher: Dispatcher = LocalDispatcher(
+            n_routed_experts, empty_slots=self.router.top_p is not None
+        )
         self.d_model = d_model
         self.n_routed_experts = n_routed_experts
         self.n_expert_per_token = n_expert_per_token
@@ -128,12 +167,19 @@ class DeepSeekMoE(nn.Module):
         -> (out same shape/dtype as x, router_logits (T, E) float32).
         """
         x_TD, n_seq = self._flatten(x)
+        d = self.dispatcher
+        if self.router.top_p is not None and not getattr(d, "empty_slots", True):
+            raise ValueError(
+                "router.top_p leaves slots empty: the dispatcher needs "
+                "LocalDispatcher(n_experts, empty_slots=True)"
+            )
         r = self.router(x_TD, k)  # route
-        rows, counts_L, state = self.dispatcher.dispatch(x_TD, r.ids_TK, r.weights_TK)  # dispatch
-        # compute: per source row, the gate-weighted sum of its experts' outputs (gather and
-        # weighting fused into the experts)
-        z = self.experts(rows, counts_L)
-        out_TD = self.dispatcher.combine(z, state)  # combine: bring the sums home
+        routed = (
+            _dispatch_compute_combine
+            if getattr(d, "traceable", True)
+            else _dispatch_compute_combine_eager()
+        )
+        out_TD = routed(d, self.experts, x_TD, r)  # dispatch, compute, combine
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
         self._record(r, n_seq)
@@ -165,12 +211,20 @@ class DeepSeekMoE(nn.Module):
 
         Under activation checkpointing the forward runs again inside backward: the losses are
         recomputed (checkpointing needs the same saved tensors) but the state is left alone, so
-        a token is counted once and ``last_stats`` / ``aux_loss`` stay the first pass's.
+        a token is counted once and ``last_stats`` / ``aux_loss`` stay the first pass's. Nothing
+        here is read on the host: the statistics stay device tensors until someone logs them.
+        Compiled, the counts still skip a replay (``_outside_backward`` decides on the device,
+        whichever of checkpointing and compilation wraps the other); the attributes are set once
+        when compilation wraps the checkpoint (dynamo's
+        ``skip_fwd_side_effects_in_bwd_under_checkpoint``, set by ``apply_compile``), and set
+        again to the same values when a checkpoint replays a compiled block.
         """
-        recompute = _in_backward()
         counts_E = r.counts_E.detach()
-        if self.training and not recompute:
-            self.tokens_per_expert.add_(counts_E.to(self.tokens_per_expert.device))
+        if self.training:
+            self.tokens_per_expert.add_(
+                counts_E.to(self.tokens_per_expert.device) * _outside_backward(counts_E)
+            )
+        recompute = not torch.compiler.is_compiling() and _in_backward()
         T = r.ids_TK.shape[0]
         losses: list[Tensor] = []
         seq = aux = None
@@ -208,6 +262,10 @@ class DeepSeekMoE(nn.Module):
         """
         c = self.tokens_per_expert if counts_E is None else counts_E
         g = self.bias_update_speed if gamma is None else gamma
-        if g > 0 and c.sum() > 0:
-            sign_rule_update_(self.router.expert_bias, c, g, self.bias_recenter)
+        if g > 0:
+            bias = self.router.expert_bias
+            moved = sign_rule_update_(bias.clone(), c, g, self.bias_recenter)
+            # no token routed: nothing moves (the re-centring would), decided on the device so
+            # the update never waits for the counts
+            bias.copy_(torch.where((c.sum() > 0).to(bias.device), moved, bias))
         self.tokens_per_expert.zero_()

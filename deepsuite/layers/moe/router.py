@@ -43,6 +43,15 @@ def _check_int(name: str, value: object, low: int) -> int:
     return value
 
 
+def count_ids(ids: Tensor, n: int) -> Tensor:
+    """int64 [n]: how often each id in [0, n) occurs in ``ids``; negative ids (empty slots) are
+    not counted. A scatter-add into n + 1 fixed bins: unlike ``bincount`` or boolean-mask
+    indexing, its output size does not depend on the data, so a GPU never waits for the host."""
+    flat = torch.where(ids < 0, n, ids).reshape(-1)
+    bins = torch.zeros(n + 1, dtype=torch.int64, device=ids.device)
+    return bins.scatter_add_(0, flat, torch.ones_like(flat))[:n]
+
+
 def _sort_desc(x: Tensor) -> tuple[Tensor, Tensor]:
     """Descending sort along the last dim; equal values keep index order (lower index first)."""
     return torch.sort(x, dim=-1, descending=True, stable=True)
@@ -147,9 +156,9 @@ class Router(nn.Module):
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
         weights_TK = weights_TK * self.route_scale
 
-        valid = ids_TK >= 0
-        counts_E = torch.bincount(ids_TK[valid], minlength=self.n_experts)
-        return RouterOutput(logits_TE, scores_TE, ids_TK, weights_TK, counts_E)
+        return RouterOutput(
+            logits_TE, scores_TE, ids_TK, weights_TK, count_ids(ids_TK, self.n_experts)
+        )
 
     def _limit_groups(self, sel_TE: Tensor) -> Tensor:
         """Set the experts of all but the best topk_group groups to -inf (never 0)."""

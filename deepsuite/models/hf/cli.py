@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from deepsuite.errors import CheckpointError
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _TOKENIZER_FILES = (
     "tokenizer.json",
@@ -47,11 +49,11 @@ def _find_export(src: Path) -> tuple[Path, Path]:
         )
     )
     if weights is None:
-        raise ValueError(f"src: expected model.safetensors in {src} or {src}/final")
+        raise CheckpointError(f"src: expected model.safetensors in {src} or {src}/final")
     for cand in (weights.parent / "config.yaml", weights.parent.parent / "config.yaml"):
         if cand.is_file():
             return weights, cand
-    raise ValueError(f"src: expected config.yaml beside {weights} or one level up")
+    raise CheckpointError(f"src: expected config.yaml beside {weights} or one level up")
 
 
 def to_deepsuite(src: Path, out: Path, dtype: torch.dtype, mtp: bool) -> Path:

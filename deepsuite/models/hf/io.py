@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from deepsuite.config import Config, ModelArgs
+from deepsuite.errors import CheckpointError
 from deepsuite.layers.moe import GroupedExperts
 from deepsuite.models.hf.config import V2, V3, config_to_hf, hf_flavor, hf_to_config
 from deepsuite.models.hf.names import Slot, hf_slots, mtp_layers_present
@@ -51,7 +52,7 @@ def _layer(name: str) -> int:
     return int(parts[2]) if name.startswith("model.layers.") else -1
 
 
-class HFCheckpointError(ValueError):
+class HFCheckpointError(CheckpointError):
     """A checkpoint does not fit the model: the message lists the offending names or fields."""
 
 
@@ -229,19 +230,6 @@ def _copy_slot(model: nn.Module, s: Slot, t: Tensor, report: LoadReport) -> None
     report.loaded.append(s.hf)
 
 
-def _fix_buffers(model: nn.Module) -> None:
-    """Recompute the non-persistent buffers after ``to_empty`` (rope tables, routing counters)."""
-    for name, m in model.named_modules():
-        for b, _ in m.named_buffers(recurse=False):
-            if b in m._non_persistent_buffers_set:
-                if b == "inv_freq":
-                    m.reset_parameters()
-                elif b == "tokens_per_expert":
-                    m.tokens_per_expert.zero_()
-                else:
-                    raise RuntimeError(f"{name}.{b}: unknown non-persistent buffer to rebuild")
-
-
 def load_hf_model(
     path: str | Path,
     *,
@@ -260,8 +248,7 @@ def load_hf_model(
     cfg = hf_to_config(hf, mtp_depth=depth, name=Path(path).name or "hf")
     with torch.device("meta"):
         model = DeepSeekLM(cfg)
-    model.to_empty(device=device)
-    _fix_buffers(model)
+    model.allocate(device)
     load_hf_weights(model, path, ignore_mtp=not mtp)
     return cfg, model.to(dtype)
 
