@@ -198,7 +198,8 @@ def _build_run_worker(rank: int, world: int, runs: list[list[str]]) -> list[dict
 @pytest.mark.distributed
 def test_init_from_at_ep2_gives_transformers_logits(tiny_v3, tiny_v2, sft_jsonl, tmp_path):
     """train.init_from at EP 2 on 2 gloo ranks, from a V3 checkpoint (groups, YaRN, nonzero
-    bias) and a V2 one (softmax, no bias): the initialised, sharded model's logits on each
+    bias) under ZeRO 1 and a V2 one (softmax, no bias) under ZeRO 3 (the engine partitions the
+    loaded weights; its forward gathers them back): the initialised, sharded model's logits on each
     rank's first batch equal transformers' on the same rows (document mask made causal, the
     same positions) within 1e-4 (fp32; observed ~3e-6)."""
     transformers = pytest.importorskip("transformers")
@@ -208,9 +209,10 @@ def test_init_from_at_ep2_gives_transformers_logits(tiny_v3, tiny_v2, sft_jsonl,
     runs = [
         [
             f"train.init_from={p}", f"data.source={sft_jsonl}", f"train.run_dir={tmp_path / p.name}",
-            f"parallel.deepspeed_config={ROOT / 'configs/deepspeed/zero1.json'}",
+            f"parallel.deepspeed_config={ROOT / f'configs/deepspeed/zero{z}.json'}",
+            f"parallel.zero_stage={z}",
         ]
-        for p in paths
+        for p, z in zip(paths, (1, 3))  # V2 under ZeRO 3: the weights loaded before partitioning
     ]  # fmt: skip
     out = run_ranks(_build_run_worker, 2, runs, init=None, timeout_s=600, pg_timeout_s=300)
     for i, path in enumerate(paths):
