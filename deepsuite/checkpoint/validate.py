@@ -53,9 +53,19 @@ def _differences(saved: dict[str, Any], cfg: Config) -> list[str]:
                 continue  # saved before the key existed: its default then is assumed
             if section == "model" and key == "vocab_size" and here[key] == 0:
                 continue  # 0 = the tokenizer's, which the saved run resolved
+            if section == "data" and key == "tokenizer" and _own_copy(here[key], cfg):
+                continue  # the copy this run saved of the tokenizer it started with
             if there[key] != here[key]:
                 out.append(f"{section}.{key}: {there[key]!r} there, {here[key]!r} here")
     return out
+
+
+def _own_copy(tokenizer: str, cfg: Config) -> bool:
+    """``tokenizer`` is RUN_DIR/tokenizer.json, which the trainer writes at the start of a run
+    from the tokenizer it trains with: a run that began from ``train.init_from`` resumes with it
+    when the source (and the path its checkpoint names) is gone."""
+    own = Path(cfg.train.run_dir) / "tokenizer.json"
+    return tokenizer not in ("byte", "bpe") and Path(tokenizer).resolve() == own.resolve()
 
 
 def check_resume(cfg: Config) -> None:

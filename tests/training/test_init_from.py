@@ -20,13 +20,12 @@ from deepsuite.checkpoint.pretrained import (
     find_pretrained,
     load_pretrained,
 )
-from deepsuite.cli import generate_main
+from deepsuite.cli import run_command
 from deepsuite.config import load_config
 from deepsuite.data.pipeline import check_vocab_size
 from deepsuite.errors import ConfigError
 from deepsuite.models.hf import HFCheckpointError, hf_main
 from deepsuite.training.engine import resolve_init_from
-from deepsuite.training.evaluate import eval_main
 from tests.conftest import tiny_checkpoint_script
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -153,13 +152,13 @@ def test_mtp_depth_beyond_the_checkpoint(tiny_v3):
 
 def test_cli_errors_are_one_line(tiny_v3, tmp_path, capsys):
     long_prompt = "word " * 400
-    assert generate_main([str(tiny_v3), "--prompt", long_prompt]) == 2
+    assert run_command("generate", [str(tiny_v3), "--prompt", long_prompt]) == 2
     err = capsys.readouterr().err.strip()
     assert (
         err.startswith("deepsuite generate: error: prompt 0: ") and "model.max_seq_len=256" in err
     )
     assert len(err.splitlines()) == 1
-    assert eval_main([str(tmp_path / "nope"), "--data", "builtin"]) == 2
+    assert run_command("eval", [str(tmp_path / "nope"), "--data", "builtin"]) == 2
     assert capsys.readouterr().err.strip() == (
         f"deepsuite eval: error: {tmp_path / 'nope'}: no such file or directory"
     )
@@ -212,7 +211,7 @@ def test_init_from_at_ep2_gives_transformers_logits(tiny_v3, tiny_v2, sft_jsonl,
             f"parallel.deepspeed_config={ROOT / f'configs/deepspeed/zero{z}.json'}",
             f"parallel.zero_stage={z}",
         ]
-        for p, z in zip(paths, (1, 3))  # V2 under ZeRO 3: the weights loaded before partitioning
+        for p, z in zip(paths, (1, 3), strict=True)  # V2 under ZeRO 3: loaded, then partitioned
     ]  # fmt: skip
     out = run_ranks(_build_run_worker, 2, runs, init=None, timeout_s=600, pg_timeout_s=300)
     for i, path in enumerate(paths):
