@@ -43,10 +43,17 @@ from deepsuite.distributed.expert_shard import (
     stack_expert_slices,
 )
 from deepsuite.errors import CheckpointError
-from deepsuite.layers.moe import DeepSeekMoE
+from deepsuite.layers.moe import DeepSeekMoE, split_gate_up
 from deepsuite.models import DeepSeekLM
 
-__all__ = ["MOMENTS", "FullState", "dense_states_file", "read_full_state", "saved_layout"]
+__all__ = [
+    "MOMENTS",
+    "FullState",
+    "dense_states_file",
+    "read_full_state",
+    "saved_layout",
+    "saved_parameter_names",
+]
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -55,8 +62,9 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 class FullState:
     """A checkpoint with its parallel layout undone (CPU tensors, fp32 where training was fp32).
 
-    module: every persistent tensor of the unsharded model by name (experts stacked [E, F, D] /
-        [E, D, F]; the balancing bias ``*.router.expert_bias`` among them).
+    module: every persistent tensor of the unsharded model by its state-dict name (experts
+        stacked [E, F, D] / [E, D, F] under the seed's names gate_proj, up_proj, down_proj, as
+        every file holds them; the balancing bias ``*.router.expert_bias`` among them).
     fp32: fp32 master weights by name when the optimizer kept a separate copy (ZeRO 1/2).
     moments: {"exp_avg": {name: tensor}, "exp_avg_sq": {...}} shaped like ``module`` entries.
     adam_step: Adam's step count (0 = moments absent: re-initialised with a warning on load).
@@ -97,6 +105,13 @@ def saved_layout(tag_dir: Path) -> dict[str, int]:
         "ep": int(state["config"]["parallel"]["ep"]),
         "zero": zero,
     }
+
+
+def saved_parameter_names(tag_dir: Path) -> set[str] | None:
+    """The parameter names a ZeRO 1-3 checkpoint's flat optimizer partitions were laid out by
+    (DeepSpeed's ``param_shapes``); None under ZeRO 0, whose torch optimizer state is by index."""
+    shapes = safe_torch_load(dense_states_file(Path(tag_dir))).get("param_shapes")
+    return {n for g in shapes for n in g} if shapes else None
 
 
 def _cat_fragments(pieces: list[tuple[int, Tensor]]) -> Tensor:
@@ -231,6 +246,11 @@ def read_full_state(tag_dir: str | Path) -> FullState:
                 json.loads((tag_dir / "trainer_state.json").read_text())["config"]
             )
             _read_zero0(tag_dir, dense, cfg, ep, st)
+    # optimizer state is keyed by parameter: the fused experts' gate_up_proj -> the names the
+    # module state (and every checkpoint file) uses
+    split_gate_up(st.fp32)
+    for by_name in st.moments.values():
+        split_gate_up(by_name)
     st.lr_last_epoch = int(dense["lr_scheduler"]["last_epoch"]) if dense.get("lr_scheduler") else 0
     st.counters = {
         k: int(dense.get(k) or 0) for k in ("global_steps", "global_samples", "skipped_steps")

@@ -28,10 +28,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from deepsuite.checkpoint.full_state import MOMENTS, FullState, read_full_state, saved_layout
+from deepsuite.checkpoint.full_state import (
+    MOMENTS,
+    FullState,
+    read_full_state,
+    saved_layout,
+    saved_parameter_names,
+)
 from deepsuite.checkpoint.zero3 import partition_chunk
 from deepsuite.distributed.expert_shard import expert_slices, full_name, model_ep_size
 from deepsuite.errors import CheckpointError
+from deepsuite.layers.moe import fuse_gate_up
 
 __all__ = ["load_any_layout", "load_full_state"]
 
@@ -82,21 +89,24 @@ def load_full_state(engine: Any, model: torch.nn.Module, state: FullState) -> No
     """
     from deepspeed.utils import safe_set_full_fp32_param
 
+    # the state holds the checkpoint files' names (the experts' gate_proj, up_proj); the live
+    # parameters are keyed by their own (gate_up_proj): fuse shallow copies, the caller's stay
+    module = fuse_gate_up(dict(state.module))
+    fp32 = fuse_gate_up(dict(state.fp32))
+    moments = {k: fuse_gate_up(dict(v)) for k, v in state.moments.items()}
     slices = expert_slices(model)
-    own = dict(model.state_dict(keep_vars=True))
     params = dict(model.named_parameters())
-    for name, t in list(own.items()):
-        if name in params or name not in state.module:
-            continue
-        t.copy_(state.module[name])  # persistent buffers: the balancing bias
-    missing = [n for n in params if full_name(n) not in state.module]
+    for name, b in model.named_buffers():
+        if name in module:  # persistent buffers: the balancing bias
+            b.copy_(module[name])
+    missing = [n for n in params if full_name(n) not in module]
     if missing:
         raise CheckpointError(
             f"checkpoint: no tensor for parameters {missing[:4]} (config mismatch?)"
         )
     zero = engine.zero_optimization_stage()
     opt = engine.optimizer
-    have_moments = state.adam_step > 0 and all(state.moments.get(k) for k in MOMENTS)
+    have_moments = state.adam_step > 0 and all(moments.get(k) for k in MOMENTS)
     if zero in (1, 2, 3) and have_moments:
         # the base optimizer's state is created lazily at its first step: create it now (under
         # ZeRO 3 the flat partitions join the param groups only inside the step)
@@ -113,32 +123,28 @@ def load_full_state(engine: Any, model: torch.nn.Module, state: FullState) -> No
                 st.setdefault(key, torch.zeros_like(flat))
     for name, p in params.items():
         fname = full_name(name)
-        value = _local(state.module[fname], name, slices)
+        value = _local(module[fname], name, slices)
         shape = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO 3 keeps a placeholder in p
         if tuple(value.shape) != shape:
             raise CheckpointError(
                 f"checkpoint: {fname} has shape {tuple(value.shape)}, model {shape}"
             )
         if zero == 3:
-            fp32 = _local(state.fp32.get(fname, state.module[fname]), name, slices)
-            moments = {
-                k: _local(state.moments[k][fname], name, slices) for k in MOMENTS if have_moments
-            }
-            _set_zero3(p, value, fp32, moments)
+            master = _local(fp32.get(fname, module[fname]), name, slices)
+            adam = {k: _local(moments[k][fname], name, slices) for k in MOMENTS if have_moments}
+            _set_zero3(p, value, master, adam)
             continue
         p.copy_(value)
         if zero in (1, 2):
-            safe_set_full_fp32_param(
-                p, _local(state.fp32.get(fname, state.module[fname]), name, slices)
-            )
+            safe_set_full_fp32_param(p, _local(fp32.get(fname, module[fname]), name, slices))
             if have_moments:
                 for key in MOMENTS:
-                    _set_zero_moment(opt, p, key, _local(state.moments[key][fname], name, slices))
+                    _set_zero_moment(opt, p, key, _local(moments[key][fname], name, slices))
         elif have_moments:
             s = opt.state[p]
             s["step"] = torch.tensor(float(state.adam_step))
             for key in MOMENTS:
-                s[key] = _local(state.moments[key][fname], name, slices).clone().to(p.dtype)
+                s[key] = _local(moments[key][fname], name, slices).clone().to(p.dtype)
     if not have_moments:
         warnings.warn(
             "reshard: the checkpoint holds no Adam moments for this layout; they restart from "
@@ -168,10 +174,14 @@ def load_any_layout(engine: Any, model: torch.nn.Module, ckpt_dir: str | Path, t
         "ep": model_ep_size(model),
         "zero": int(engine.zero_optimization_stage()),
     }
-    if saved == here:
+    # DeepSpeed restores flat ZeRO partitions by position, not by name: a checkpoint whose
+    # parameters were others (one written before gate and up were fused) must go by name
+    names = saved_parameter_names(tag_dir)
+    if saved == here and (names is None or names == {n for n, _ in model.named_parameters()}):
         engine.load_checkpoint(str(ckpt_dir), tag=tag)  # strict
         return False
     if (dist.get_rank() if dist.is_initialized() else 0) == 0:
-        print(f"resharding {tag_dir}: saved at {saved}, loading at {here}", flush=True)
+        why = f"saved at {saved}, loading at {here}" if saved != here else "other parameter names"
+        print(f"resharding {tag_dir}: {why}", flush=True)
     load_full_state(engine, model, read_full_state(tag_dir))
     return True

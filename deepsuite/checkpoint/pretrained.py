@@ -35,6 +35,7 @@ from deepsuite.checkpoint import layout
 from deepsuite.config import Config, ConfigError, config_from_dict, load_config
 from deepsuite.distributed.expert_shard import expert_slices, full_name
 from deepsuite.errors import CheckpointError
+from deepsuite.layers.moe import split_gate_up
 from deepsuite.models import DeepSeekLM
 from deepsuite.models.hf import HFCheckpointError, hf_to_config, load_hf_weights, read_hf_config
 from deepsuite.models.hf.io import INDEX, SINGLE, weight_map
@@ -220,9 +221,10 @@ def _copy_into(param: Tensor, value: Tensor, name: str) -> None:
 
 
 def _targets(model: nn.Module) -> dict[str, Tensor]:
-    """Parameters and persistent buffers by their (possibly sharded) names."""
+    """Parameters and persistent buffers by their (possibly sharded) state-dict names: the fused
+    experts' gate_up_proj as live views named gate_proj and up_proj, as the stores name them."""
     persistent = set(model.state_dict(keep_vars=True))
-    out: dict[str, Tensor] = dict(model.named_parameters())
+    out: dict[str, Tensor] = dict(split_gate_up(dict(model.named_parameters())))
     out.update({n: b for n, b in model.named_buffers() if n in persistent})
     return out
 

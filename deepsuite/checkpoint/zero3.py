@@ -31,6 +31,7 @@ from deepsuite.checkpoint.layout import optim_states_file
 from deepsuite.distributed.engine import safe_torch_load
 from deepsuite.distributed.expert_shard import full_name, is_expert_name, stack_expert_slices
 from deepsuite.errors import CheckpointError
+from deepsuite.layers.moe import split_gate_up
 
 __all__ = ["chunk_numel", "partition_chunk", "read_zero3", "unpartition"]
 
@@ -132,6 +133,8 @@ def read_zero3(
         raise CheckpointError(
             f"checkpoint {tag_dir}: ranks saved different Adam steps {sorted(steps)}"
         )
+    for by_name in out.values():  # partitions are by parameter: gate_up_proj -> gate/up_proj
+        split_gate_up(by_name)
     fp32 = out.pop("fp32")
     return _module(tag_dir, fp32), fp32, out, steps.pop() if steps else 0
 

@@ -26,11 +26,12 @@ from deepsuite.distributed.dispatch import AllToAllDispatcher
 from deepsuite.distributed.expert_shard import (
     EXPERT_WEIGHTS,
     ExpertShard,
+    local_experts,
     shard_experts,
     tag_expert_parameters,
 )
 from deepsuite.distributed.groups import ExpertParallelGroups, check_same_config
-from deepsuite.layers.moe import DeepSeekMoE
+from deepsuite.layers.moe import DeepSeekMoE, split_gate_up
 
 __all__ = [
     "ExpertShard",
@@ -214,15 +215,14 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     }
     for name, moe in layers:
         experts = moe.experts
-        for w in EXPERT_WEIGHTS:
+        for w, param in local_experts(experts).named_parameters():
             if isinstance(experts, ExpertShard):
-                param = getattr(experts.local, w)
                 local = _whole(param, param.device)  # the EP all-gather runs on the device
                 group = moe.dispatcher.group
                 size = dist.get_world_size(group)
                 full = local.new_empty((size * local.shape[0], *local.shape[1:]))
                 dist.all_gather_into_tensor(full, local, group=group)
             else:
-                full = _whole(getattr(experts, w))
+                full = _whole(param)
             state[f"{name}.experts.{w}"] = full.cpu()
-    return state
+    return split_gate_up(state)  # the seed's names (gate_proj, up_proj), as state_dict gives

@@ -70,9 +70,11 @@ __all__ = [
     "tag_expert_parameters",
 ]
 
+# the names in state dicts and checkpoints (the seed's, Hugging Face's); the module itself holds
+# gate and up as one parameter, gate_up_proj (layers/moe/experts.py, split_gate_up / fuse_gate_up)
 EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 DEEPSPEED_EXPERT_INFIX = "deepspeed_moe.experts.deepspeed_experts."
-_EXPERT_NAME = re.compile(r"\.experts\.(local\.)?(gate_proj|up_proj|down_proj)$")
+_EXPERT_NAME = re.compile(r"\.experts\.(local\.)?(gate_proj|up_proj|gate_up_proj|down_proj)$")
 _DEEPSPEED_KEY = re.compile(
     r"^(.*\.experts)\."
     + re.escape(DEEPSPEED_EXPERT_INFIX)
@@ -109,7 +111,7 @@ def full_name(name: str) -> str:
 
 
 def is_expert_name(name: str) -> bool:
-    """True for a routed-expert weight, sharded or not ('...experts[.local].{gate,up,down}_proj')."""
+    """True for a routed-expert weight, sharded or not ('...experts[.local].{gate,up,gate_up,down}_proj')."""
     return _EXPERT_NAME.search(name) is not None
 
 
@@ -198,11 +200,15 @@ class ExpertShard(nn.Module):
         return self.local.n_experts
 
     @property
-    def gate_proj(self) -> nn.Parameter:
+    def gate_up_proj(self) -> nn.Parameter:
+        return self.local.gate_up_proj
+
+    @property
+    def gate_proj(self) -> Tensor:
         return self.local.gate_proj
 
     @property
-    def up_proj(self) -> nn.Parameter:
+    def up_proj(self) -> Tensor:
         return self.local.up_proj
 
     @property
@@ -284,13 +290,14 @@ def local_experts(module: nn.Module) -> GroupedExperts:
 
 
 def expert_slices(model: nn.Module) -> dict[str, range]:
-    """Routed-expert parameter name -> the global experts it holds (its rows), for every
-    GroupedExperts in ``model``, sharded or not."""
+    """Routed-expert weight name -> the global experts it holds (its rows), for every
+    GroupedExperts in ``model``, sharded or not: its parameters' names (``gate_up_proj``,
+    ``down_proj``) and its state-dict names (``gate_proj``, ``up_proj``, ``down_proj``)."""
     out = {}
     for mname, mod in model.named_modules():
         if isinstance(mod, GroupedExperts):
             held = range(mod.first_expert, mod.first_expert + mod.n_experts)
-            for w in EXPERT_WEIGHTS:
+            for w in (*EXPERT_WEIGHTS, *(n for n, _ in mod.named_parameters())):
                 out[f"{mname}.{w}"] = held
     return out
 

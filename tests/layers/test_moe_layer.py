@@ -67,8 +67,8 @@ def test_experts_receiving_zero_tokens():
     assert m.last_stats.counts_E.tolist() == [5, 5, 0, 0, 0, 0, 0, 0]
     out, _ = m(x)
     out.sum().backward()
-    assert torch.count_nonzero(m.experts.gate_proj.grad[2:]) == 0
-    assert torch.count_nonzero(m.experts.gate_proj.grad[:2]) > 0
+    assert torch.count_nonzero(m.experts.gate_up_proj.grad[2:]) == 0
+    assert torch.count_nonzero(m.experts.gate_up_proj.grad[:2]) > 0
 
 
 def test_top_p_variable_counts():
@@ -92,7 +92,7 @@ def test_grouped_experts_fast_equals_loop_including_empty_experts():
     x = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
     y, y_ref = ex(x, counts), ex.forward_reference(x, counts.tolist())
     torch.testing.assert_close(y, y_ref)
-    params = [x, ex.gate_proj, ex.up_proj, ex.down_proj]
+    params = [x, ex.gate_up_proj, ex.down_proj]
     g = torch.randn_like(y)
     for a, b in zip(
         torch.autograd.grad(y, params, g), torch.autograd.grad(y_ref, params, g), strict=True
@@ -127,7 +127,7 @@ def test_expert_rows_fused_equals_gather_compute_scatter(grouped, weighted):
     z_ref = ex.forward_reference(rows, counts.tolist())
     torch.testing.assert_close(z, z_ref)
     torch.testing.assert_close(z, rows.scatter(ex(rows.gather(), counts)))
-    params = [x, ex.gate_proj, ex.up_proj, ex.down_proj] + ([w] if weighted else [])
+    params = [x, ex.gate_up_proj, ex.down_proj] + ([w] if weighted else [])
     g = torch.randn_like(z)
     for a, b in zip(
         torch.autograd.grad(z, params, g), torch.autograd.grad(z_ref, params, g), strict=True
@@ -284,7 +284,7 @@ def test_autocast_keeps_router_float32_and_experts_in_autocast_dtype():
     ref, _ = m.forward_reference(x)
     torch.testing.assert_close(out.float(), ref.float(), rtol=3e-2, atol=3e-2)
     out.float().sum().backward()
-    assert m.experts.gate_proj.grad.dtype == torch.float32
+    assert m.experts.gate_up_proj.grad.dtype == torch.float32
 
 
 def test_bad_arguments():
@@ -317,7 +317,7 @@ def test_grouped_mm_cuda_bf16_matches_reference():
     y = ex(x, counts.cuda())
     y_ref = ex.forward_reference(x, counts)
     torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
-    params = [x, ex.gate_proj, ex.up_proj, ex.down_proj]
+    params = [x, ex.gate_up_proj, ex.down_proj]
     g = torch.randn_like(y)
     for a, b in zip(
         torch.autograd.grad(y, params, g), torch.autograd.grad(y_ref, params, g), strict=True

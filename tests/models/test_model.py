@@ -180,7 +180,7 @@ def test_activation_checkpointing_same_loss_grads_and_counts_with_less_saved():
         runs[mode] = (loss, saved, grads, [m.tokens_per_expert.clone() for m in moe], moe)
     (l0, s0, g0, c0, m0), (l1, s1, g1, c1, m1) = runs["none"], runs["full"]
     torch.testing.assert_close(l1, l0)
-    assert g0.keys() == g1.keys() and any("experts.gate_proj" in k for k in g0)
+    assert g0.keys() == g1.keys() and any("experts.gate_up_proj" in k for k in g0)
     for k in g0:
         torch.testing.assert_close(g1[k], g0[k], msg=k)
     for a, b in zip(c0, c1, strict=True):
@@ -302,7 +302,7 @@ def test_meta_build_then_materialize_equals_a_full_build():
     for key, value in meta.named_buffers():
         assert torch.equal(value, dict(full.named_buffers())[key]), key
     assert not torch.equal(
-        a["layers.1.ffn.experts.gate_proj"][0], a["layers.1.ffn.experts.gate_proj"][1]
+        a["layers.1.ffn.experts.gate_up_proj"][0], a["layers.1.ffn.experts.gate_up_proj"][1]
     )
     other = DeepSeekLM(cfg)
     other.reset_parameters(seed=8)

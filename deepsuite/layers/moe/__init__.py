@@ -9,7 +9,7 @@ from .balance import (
     sign_rule_update_,
 )
 from .dispatch import Dispatcher, ExpertRows, LocalDispatcher, LocalState, dispatch_reference
-from .experts import GroupedExperts
+from .experts import GroupedExperts, fuse_gate_up, split_gate_up
 from .layer import DeepSeekMoE, RoutingStats
 from .options import BalanceOptions, RoutingOptions
 from .router import Router, RouterOutput
@@ -29,8 +29,10 @@ __all__ = [
     "RoutingStats",
     "aux_balance_loss",
     "dispatch_reference",
+    "fuse_gate_up",
     "max_vio",
     "routing_entropy",
     "sequence_balance_loss",
     "sign_rule_update_",
+    "split_gate_up",
 ]

@@ -4,13 +4,22 @@ Letters: N dispatched rows (sorted by local expert), D model dim, F expert hidde
 L local experts. Each expert e computes ``y = down_e(silu(gate_e x) * up_e x)`` on its
 contiguous slice of rows; there is no capacity and no padding (dropless).
 
+Gate and up are one parameter, ``gate_up_proj`` [L, 2F, D] (expert e's gate rows [:F] then its up
+rows [F:]), so each expert's two input projections are one GEMM forward and one per operand
+backward, and the device path runs two grouped GEMMs instead of three. Outside the module the
+names stay those of the seed and of Hugging Face: ``state_dict`` writes ``gate_proj`` and
+``up_proj`` [L, F, D] (:func:`split_gate_up`), ``load_state_dict`` takes them (or the fused
+tensor) back (:func:`fuse_gate_up`), and ``gate_proj`` / ``up_proj`` are views of the fused
+parameter. Code that reads parameters by name (optimizer state, ZeRO partitions) maps with the
+same two functions.
+
 Paths (all equal to ``forward_reference``, a per-expert autograd loop, held by tests):
 - CPU eager (the loop path): one autograd Function that loops over the slices with
   ``torch.mm(out=...)`` into preallocated buffers (no cat/stack copies, no zero-filled slice
   gradients), with the dispatcher's gather and the gate-weighted combine fused in
   (``ExpertRows``) and slice-sized scratch for the temporaries. Its slices are sized on the host:
   it reads ``counts_L`` once per call, by design.
-- The device path: three grouped GEMMs (``grouped_mm``: ``torch._grouped_mm``) over rows
+- The device path: two grouped GEMMs (``grouped_mm``: ``torch._grouped_mm``) over rows
   gathered by the dispatcher's index, offsets from the device counts: no host read, static
   shapes when N is static, compile-clean. Taken on CUDA in bf16/fp16 and whenever the layer is
   being compiled (the loop path's host-sized slices would break the graph); ``use_grouped_mm``
@@ -20,7 +29,7 @@ Paths (all equal to ``forward_reference``, a per-expert autograd loop, held by t
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -72,8 +81,11 @@ class _LoopSwiGLU(torch.autograd.Function):
     gather and the weighted scatter happen slice by slice, so neither the N x D copy of the rows
     nor the per-row outputs exist in full, forward or backward. Everything except the saved gate
     and up pre-activations is computed one expert slice at a time in scratch buffers sized for
-    the largest slice: the backward holds g, u, the incoming gradient, dx and the weight
+    the largest slice: the backward holds [g | u], the incoming gradient, dx and the weight
     gradients, and the slice stays in cache between its elementwise ops and its GEMMs.
+
+    Gate and up are one GEMM each way: forward [g | u] = x W_gu^T, backward dx = [dg | du] W_gu
+    and dW_gu = [dg | du]^T x, with [g | u] and [dg | du] kept side by side in [rows, 2F].
 
     With dz the gradient of z, per row n of source m: dy_n = w_n dz_m, and since y_n = a_n W_d^T,
     dw_n = <dz_m, y_n> = <dz_m W_d, a_n> (no need to keep y). silu'(g) = s (1 + g (1 - s)),
@@ -81,13 +93,12 @@ class _LoopSwiGLU(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_MD, index_N, weight_N, gate_LFD, up_LFD, down_LDF, splits):  # type: ignore[override]
+    def forward(ctx, x_MD, index_N, weight_N, gate_up_L2FD, down_LDF, splits):  # type: ignore[override]
         bounds = _bounds(splits)
         N, D = sum(splits), x_MD.shape[1]
-        Fh = gate_LFD.shape[1]
+        Fh = down_LDF.shape[2]
         fused = index_N is not None
-        g_NF = x_MD.new_empty(N, Fh)
-        u_NF = x_MD.new_empty(N, Fh)
+        gu_N2F = x_MD.new_empty(N, 2 * Fh)
         out = x_MD.new_zeros(x_MD.shape[0], D) if fused else x_MD.new_empty(N, D)
         rows = max((t - s for _, s, t in bounds), default=0)
         a_buf = x_MD.new_empty(rows, Fh)
@@ -95,10 +106,8 @@ class _LoopSwiGLU(torch.autograd.Function):
         y_buf = x_MD.new_empty(rows, D) if fused else None
         for e, s, t in bounds:
             x = _rows(x_MD, index_N, s, t, x_buf)
-            g, u = g_NF[s:t], u_NF[s:t]
-            torch.mm(x, gate_LFD[e].t(), out=g)
-            torch.mm(x, up_LFD[e].t(), out=u)
-            a = torch.ops.aten.silu.out(g, out=a_buf[: t - s]).mul_(u)
+            gu = torch.mm(x, gate_up_L2FD[e].t(), out=gu_N2F[s:t])
+            a = torch.ops.aten.silu.out(gu[:, :Fh], out=a_buf[: t - s]).mul_(gu[:, Fh:])
             if not fused:
                 torch.mm(a, down_LDF[e].t(), out=out[s:t])
                 continue
@@ -108,36 +117,39 @@ class _LoopSwiGLU(torch.autograd.Function):
             out.index_add_(0, index_N[s:t], y)
         ctx.bounds, ctx.rows = bounds, rows
         # a = silu(g) u is recomputed per slice in backward: one elementwise pass buys N x F
-        ctx.save_for_backward(x_MD, index_N, weight_N, gate_LFD, up_LFD, down_LDF, g_NF, u_NF)
+        ctx.save_for_backward(x_MD, index_N, weight_N, gate_up_L2FD, down_LDF, gu_N2F)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out):  # type: ignore[override]
-        x_MD, index_N, w_N, gate_LFD, up_LFD, down_LDF, g_NF, u_NF = ctx.saved_tensors
+        x_MD, index_N, w_N, gate_up_L2FD, down_LDF, gu_N2F = ctx.saved_tensors
         bounds, rows = ctx.bounds, ctx.rows
-        need_x, _, need_w, need_g, need_u, need_d = ctx.needs_input_grad[:6]
+        need_x, _, need_w, need_gu, need_d = ctx.needs_input_grad[:5]
         need_w = need_w and w_N is not None
         d_out = d_out.contiguous()  # dy [N, D] (plain) or dz [M, D] (fused)
         fused = index_N is not None
-        Fh, D = g_NF.shape[1], x_MD.shape[1]
+        Fh, D = down_LDF.shape[2], x_MD.shape[1]
         dx = None
         if need_x:  # fused: each row's gradient is added into its source row
             dx = torch.zeros_like(x_MD) if fused else torch.empty_like(x_MD)
         dw = torch.empty_like(w_N) if need_w else None
-        d_gate = _empty_grad(gate_LFD, bounds) if need_g else None
-        d_up = _empty_grad(up_LFD, bounds) if need_u else None
+        d_gate_up = _empty_grad(gate_up_L2FD, bounds) if need_gu else None
         d_down = _empty_grad(down_LDF, bounds) if need_d else None
-        s_buf, a_buf, da_buf = (g_NF.new_empty(rows, Fh) for _ in range(3))
-        p_buf = g_NF.new_empty(rows, Fh) if need_w else None
+        a_buf, da_buf = (gu_N2F.new_empty(rows, Fh) for _ in range(2))
+        dgu_buf = gu_N2F.new_empty(rows, 2 * Fh)  # [dg | du]
+        p_buf = gu_N2F.new_empty(rows, Fh) if need_w else None
         dy_buf = x_MD.new_empty(rows, D) if fused else None
-        x_buf = x_MD.new_empty(rows, D) if fused and (need_g or need_u) else None
+        x_buf = x_MD.new_empty(rows, D) if fused and need_gu else None
         dx_buf = x_MD.new_empty(rows, D) if fused and need_x else None
         for e, s, t in bounds:
-            n, g, u = t - s, g_NF[s:t], u_NF[s:t]
+            n, gu = t - s, gu_N2F[s:t]
+            g, u = gu[:, :Fh], gu[:, Fh:]
+            dgu = dgu_buf[:n]
+            dg, du = dgu[:, :Fh], dgu[:, Fh:]
             # dy = w dz[source row] (fused) or the incoming rows (plain)
             dy = _rows(d_out, index_N, s, t, dy_buf) if fused else d_out[s:t]
-            sg = torch.ops.aten.silu.out(g, out=s_buf[:n])
+            sg = torch.ops.aten.silu.out(g, out=du)  # silu(g), in du's place until du is due
             a = torch.mul(sg, u, out=a_buf[:n])
             da = torch.mm(dy, down_LDF[e], out=da_buf[:n])  # before the weight: dz W_d
             if need_w:  # row-wise <dz W_d, a>
@@ -148,27 +160,22 @@ class _LoopSwiGLU(torch.autograd.Function):
                 da.mul_(w)
             if need_d:
                 torch.mm(dy.t(), a, out=d_down[e])
-            du = sg.mul_(da)  # silu(g) * da, in silu(g)'s buffer
-            # dg = (da * u) * silu'(g): aten's fused silu_backward (the kernel autograd uses),
-            # written over da (elementwise, same positions)
-            dg = torch.ops.aten.silu_backward.grad_input(da.mul_(u), g, grad_input=da)
+            du.mul_(da)  # silu(g) * da
+            # dg = (da * u) * silu'(g): aten's fused silu_backward (the kernel autograd uses)
+            torch.ops.aten.silu_backward.grad_input(da.mul_(u), g, grad_input=dg)
             if need_x:
                 dx_e = dx[s:t] if not fused else dx_buf[:n]
-                torch.mm(dg, gate_LFD[e], out=dx_e)
-                dx_e.addmm_(du, up_LFD[e])
+                torch.mm(dgu, gate_up_L2FD[e], out=dx_e)
                 if fused:
                     dx.index_add_(0, index_N[s:t], dx_e)
-            if need_g or need_u:
+            if need_gu:
                 x = _rows(x_MD, index_N, s, t, x_buf)
-                if need_g:
-                    torch.mm(dg.t(), x, out=d_gate[e])
-                if need_u:
-                    torch.mm(du.t(), x, out=d_up[e])
+                torch.mm(dgu.t(), x, out=d_gate_up[e])
         if need_x and not bounds:
             dx.zero_()
         if need_w and not bounds:
             dw.zero_()
-        return dx, None, dw, d_gate, d_up, d_down, None
+        return dx, None, dw, d_gate_up, d_down, None
 
 
 def _rows(x_MD: Tensor, index_N: Tensor | None, s: int, t: int, buf: Tensor | None) -> Tensor:
@@ -179,13 +186,74 @@ def _rows(x_MD: Tensor, index_N: Tensor | None, s: int, t: int, buf: Tensor | No
 
 
 def _grouped_swiglu(
-    x_ND: Tensor, gate_LFD: Tensor, up_LFD: Tensor, down_LDF: Tensor, counts_L: Tensor
+    x_ND: Tensor, gate_up_L2FD: Tensor, down_LDF: Tensor, counts_L: Tensor
 ) -> Tensor:
-    """The device path: three grouped GEMMs; offs are cumulative row ends (int32)."""
+    """The device path: two grouped GEMMs; offs are cumulative row ends (int32)."""
     offs = torch.cumsum(counts_L.to(device=x_ND.device), 0).to(torch.int32)
-    g = grouped_mm(x_ND, gate_LFD.transpose(-2, -1), offs)
-    u = grouped_mm(x_ND, up_LFD.transpose(-2, -1), offs)
+    g, u = grouped_mm(x_ND, gate_up_L2FD.transpose(-2, -1), offs).chunk(2, dim=-1)
     return grouped_mm(F.silu(g) * u, down_LDF.transpose(-2, -1), offs)
+
+
+FUSED_WEIGHT = "gate_up_proj"
+SPLIT_WEIGHTS = ("gate_proj", "up_proj")
+
+
+def _split_one(state: MutableMapping[str, Tensor], key: str) -> None:
+    """'<p>gate_up_proj' -> '<p>gate_proj', '<p>up_proj' (then '<p>down_proj' again, for the
+    seed's order). A live parameter (``keep_vars``) gives live views; anything else contiguous
+    copies, so a saved file holds each half once. A ZeRO-3 placeholder (not [.., 2F, D]) stands
+    for both halves."""
+    p = key[: -len(FUSED_WEIGHT)]
+    t = state.pop(key)
+    if t.dim() < 3:
+        halves = (t, t)
+    else:
+        halves = t.chunk(2, dim=-2)
+        if not isinstance(t, nn.Parameter):
+            halves = tuple(h.contiguous() for h in halves)
+    for name, h in zip(SPLIT_WEIGHTS, halves, strict=True):
+        state[p + name] = h
+    if p + "down_proj" in state:
+        state[p + "down_proj"] = state.pop(p + "down_proj")
+
+
+def _fuse_one(state: MutableMapping[str, Tensor], prefix: str) -> None:
+    g, u = state.pop(prefix + "gate_proj"), state.pop(prefix + "up_proj")
+    state[prefix + FUSED_WEIGHT] = torch.cat([g, u], dim=-2) if g.dim() >= 3 else torch.cat([g, u])
+
+
+def _is_fused_key(key: str) -> bool:
+    return key == FUSED_WEIGHT or key.endswith("." + FUSED_WEIGHT)
+
+
+def split_gate_up(state: MutableMapping[str, Tensor]) -> MutableMapping[str, Tensor]:
+    """In place, for every ``...gate_up_proj`` [.., 2F, D]: the seed's and Hugging Face's
+    ``...gate_proj`` and ``...up_proj`` [.., F, D] instead (stacked [E, ...] or local [L, ...]
+    alike). Returns ``state``. Inverse of :func:`fuse_gate_up`."""
+    for key in [k for k in state if _is_fused_key(k)]:
+        _split_one(state, key)
+    return state
+
+
+def fuse_gate_up(state: MutableMapping[str, Tensor]) -> MutableMapping[str, Tensor]:
+    """In place, for every ``...gate_proj`` with its ``...up_proj`` beside it (the stacked
+    expert names; a dense MLP's end in ``.weight``): one ``...gate_up_proj`` (gate rows first).
+    Returns ``state``. Inverse of :func:`split_gate_up`."""
+    for key in [k for k in state if k == "gate_proj" or k.endswith(".gate_proj")]:
+        prefix = key[: -len("gate_proj")]
+        if prefix + "up_proj" in state:
+            _fuse_one(state, prefix)
+    return state
+
+
+def _split_hook(module: nn.Module, state: dict, prefix: str, _meta: object) -> None:
+    if prefix + FUSED_WEIGHT in state:
+        _split_one(state, prefix + FUSED_WEIGHT)
+
+
+def _fuse_hook(module: nn.Module, state: dict, prefix: str, *_: object) -> None:
+    if prefix + "gate_proj" in state and prefix + "up_proj" in state:
+        _fuse_one(state, prefix)
 
 
 class GroupedExperts(nn.Module):
@@ -196,7 +264,9 @@ class GroupedExperts(nn.Module):
         d_model: D.
         d_hidden: F, hidden width of each expert.
 
-    Attributes: gate_proj [L, F, D], up_proj [L, F, D], down_proj [L, D, F] (nn.Linear layout).
+    Parameters: gate_up_proj [L, 2F, D] (each expert's gate rows, then its up rows) and
+    down_proj [L, D, F] (nn.Linear layout). ``gate_proj`` / ``up_proj`` [L, F, D] are views of
+    the fused parameter, and the names its state dict uses (the module docstring).
     ``first_expert`` and ``n_global_experts`` record which experts of the layer these are:
     global experts [first_expert, first_expert + L) of n_global_experts (0 and L when the module
     holds them all; :meth:`slice_experts` and expert parallelism set them for a slice).
@@ -211,21 +281,35 @@ class GroupedExperts(nn.Module):
                 raise ValueError(f"{name} must be >= 1, got {value}")
         self.n_experts, self.d_model, self.d_hidden = n_experts, d_model, d_hidden
         self.first_expert, self.n_global_experts = 0, n_experts
-        self.gate_proj = nn.Parameter(torch.empty(n_experts, d_hidden, d_model))
-        self.up_proj = nn.Parameter(torch.empty(n_experts, d_hidden, d_model))
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * d_hidden, d_model))
         self.down_proj = nn.Parameter(torch.empty(n_experts, d_model, d_hidden))
         # None: auto (CUDA with bf16/fp16, or while being compiled); True/False force a path
         self.use_grouped_mm: bool | None = None
+        self.register_state_dict_post_hook(_split_hook)
+        self.register_load_state_dict_pre_hook(_fuse_hook)
         self.reset_parameters()
 
+    @property
+    def gate_proj(self) -> Tensor:
+        """[L, F, D]: the gate rows of ``gate_up_proj`` (a view: writes reach the parameter)."""
+        return self.gate_up_proj[:, : self.d_hidden]
+
+    @property
+    def up_proj(self) -> Tensor:
+        """[L, F, D]: the up rows of ``gate_up_proj`` (a view: writes reach the parameter)."""
+        return self.gate_up_proj[:, self.d_hidden :]
+
+    @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Same distribution as nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) per expert."""
+        """Same distribution as nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) per expert, drawn
+        gate, up, down in turn (the values three separate [L, F, D] / [L, D, F] tensors get)."""
         for w, fan_in in (
             (self.gate_proj, self.d_model),
             (self.up_proj, self.d_model),
             (self.down_proj, self.d_hidden),
         ):
-            nn.init.uniform_(w, -1.0 / math.sqrt(fan_in), 1.0 / math.sqrt(fan_in))
+            bound = 1.0 / math.sqrt(fan_in)
+            w.copy_(torch.empty(w.shape, dtype=w.dtype, device=w.device).uniform_(-bound, bound))
 
     def slice_experts(self, start: int, stop: int) -> GroupedExperts:
         """A new module holding copies of experts [start, stop) (no shared storage); it records
@@ -234,10 +318,10 @@ class GroupedExperts(nn.Module):
             raise ValueError(
                 f"need 0 <= start < stop <= {self.n_experts}, got start={start}, stop={stop}"
             )
-        dev = self.gate_proj.device
+        dev = self.gate_up_proj.device
         with torch.device("meta"):
             new = GroupedExperts(stop - start, self.d_model, self.d_hidden)
-        for name in ("gate_proj", "up_proj", "down_proj"):
+        for name in (FUSED_WEIGHT, "down_proj"):
             w = getattr(self, name).detach()[start:stop].clone()
             setattr(
                 new, name, nn.Parameter(w.to(dev), requires_grad=getattr(self, name).requires_grad)
@@ -298,7 +382,7 @@ class GroupedExperts(nn.Module):
             )
         # under autocast x is already in the autocast dtype: the weights follow it (fp32 master
         # weights with bf16 compute), on both paths
-        w = [p.to(src.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
+        w = [p.to(src.dtype) for p in (self.gate_up_proj, self.down_proj)]
         if grouped:
             if not isinstance(counts_L, Tensor):
                 # host-side counts are checked like the loop path's; device counts are not (a

@@ -176,7 +176,7 @@ def load_hf_weights(model: nn.Module, path: str | Path, *, ignore_mtp: bool = Fa
     by_file: dict[str, list[Slot]] = {}
     for s in slots:
         base, dst = _dest(model, s)
-        covered.add(id(base))
+        covered.add(id(base if base._base is None else base._base))  # gate/up: fused views
         if s.hf not in present:
             continue
         if dst is None:
