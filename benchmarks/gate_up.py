@@ -48,18 +48,21 @@ class _Ops(TorchDispatchMode):
 
 
 def _older_experts(rev: str, tmp: str) -> type:
-    """The older tree's GroupedExperts, loaded beside this one (its relative imports resolve to
-    this tree's dispatch and grouped_mm, whose interfaces it used unchanged)."""
-    src = subprocess.run(
-        ["git", "show", f"{rev}:deepsuite/layers/moe/experts.py"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    if src.returncode:
-        raise SystemExit(f"--before {rev}: {src.stderr.strip()[-300:]}")
-    path = Path(tmp) / "experts_before.py"
-    path.write_text(src.stdout)
+    """The older tree's GroupedExperts (``rev``: a git revision, or that tree's experts.py where
+    there is no git history), loaded beside this one (its relative imports resolve to this
+    tree's dispatch and grouped_mm, whose interfaces it used unchanged)."""
+    path = Path(rev)
+    if not path.is_file():
+        src = subprocess.run(
+            ["git", "show", f"{rev}:deepsuite/layers/moe/experts.py"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        if src.returncode:
+            raise SystemExit(f"--before {rev}: {src.stderr.strip()[-300:]}")
+        path = Path(tmp) / "experts_before.py"
+        path.write_text(src.stdout)
     spec = importlib.util.spec_from_file_location("deepsuite.layers.moe._experts_before", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -79,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--before", default=BEFORE, help="git revision with unfused experts")
+    ap.add_argument(
+        "--before", default=BEFORE, help="git revision with unfused experts, or its experts.py"
+    )
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -4,7 +4,8 @@
 #   1. the GPU-marked tests: no synchronising CUDA call in a step (sync debug mode), CUDA graphs
 #      capture a MoE block, FlexAttention gradients == the dense mask's, grouped_mm bf16 == the
 #      reference;
-#   2. host reads / aten ops / CUDA syncs per MoE layer and training step, now vs feba6bf;
+#   2. host reads / aten ops / CUDA syncs per MoE layer and training step, now vs feba6bf; the
+#      fused gate/up experts vs two GEMMs (6e49e12);
 #   3. MFU of the MoE layer (grouped-GEMM bf16 path, compiled, loop path, dense floor) at 4096 and
 #      16384 tokens; of a deepseek_1b training step with fp32 master weights under bf16 autocast,
 #      eager and compiled (train.compile's per-block compile);
@@ -32,9 +33,11 @@ SMALL=${SMALL:-0}
 BEFORE=$CARRY/before_feba6bf; [ -d "$BEFORE" ] || BEFORE=feba6bf  # a git revision where git is
 if [ "$SMALL" = 1 ]; then  # inductor on 2 CPU cores takes minutes per compiled step
   BUDGET=${BUDGET:-3000}; DEV=cpu; MFU_ARGS=(--tiny --device cpu); HR_ARGS=(--tokens 256)
+  GU_ARGS=(--tokens 256 --d-model 64 --hidden 64 --repeats 1)
   PEER_ARGS=(--device cpu --tokens 256 --experts 8 --top-k 2 --repeats 1)
 else
   BUDGET=${BUDGET:-570}; DEV=cuda; MFU_ARGS=(--tokens 4096,16384 --batch 4); HR_ARGS=()
+  GU_ARGS=(--tokens 16384 --experts 64 --repeats 10)
   PEER_ARGS=(--device cuda --tokens 16384 --repeats 10 --warmup 3)
 fi
 quiet() { grep -v -e Warning -e '^  '; }
@@ -53,6 +56,10 @@ step 200 gpu_tests.txt last 15 -- $PY -m pytest -q -p no:cacheprovider -m gpu -r
   tests/layers/test_moe_layer.py
 step 120 host_reads.txt quiet -- $PY benchmarks/host_reads.py --device $DEV --before "$BEFORE" \
   --where "${HR_ARGS[@]}"
+# the fused gate/up experts vs two GEMMs (6e49e12), bf16, both paths
+GU_BEFORE=$CARRY/experts_before_fusion.py; [ -f "$GU_BEFORE" ] || GU_BEFORE=6e49e12
+step 60 gate_up.txt quiet -- $PY benchmarks/gate_up.py --device $DEV --dtype bf16 \
+  --before "$GU_BEFORE" "${GU_ARGS[@]}"
 step 150 mfu.txt quiet -- $PY benchmarks/mfu.py --mode moe --dtype bf16 --compile "${MFU_ARGS[@]}"
 # training step: fp32 master weights under bf16 autocast, eager then compiled
 step 90 mfu.txt quiet -- $PY benchmarks/mfu.py --mode train --dtype bf16 "${MFU_ARGS[@]}"

@@ -2,7 +2,8 @@
 # Build .cache/gpu_carry (ignored by git, ~40 MB) for benchmarks/gpu_run.sh on a machine that
 # cannot reach a registry: pure-Python omegaconf, pytest and hypothesis (the GPU-marked tests),
 # the seed wheel, torchtitan's MoE sources, the tree of commit feba6bf (the "before" of
-# benchmarks/host_reads.py: the device copy of the checkout has no git history), and DeepSpeed,
+# benchmarks/host_reads.py: the device copy of the checkout has no git history), the experts
+# file before the gate/up fusion (benchmarks/gate_up.py's "before"), and DeepSpeed,
 # datasets and their missing dependencies for the CUDA smoke test of the trainer.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -29,6 +30,8 @@ DS_BUILD_OPS=0 "$ROOT/.venv/bin/pip" wheel -q --no-deps --no-build-isolation -w 
 rm -rf "$W"
 mkdir -p "$C/before_feba6bf"
 git -C "$ROOT" archive feba6bf deepsuite configs | tar -x -C "$C/before_feba6bf"
+# the experts before gate and up were fused (the "before" of benchmarks/gate_up.py)
+git -C "$ROOT" show 6e49e12:deepsuite/layers/moe/experts.py > "$C/experts_before_fusion.py"
 cp -r "$P/seed" "$C/seed"
 for d in torchtitan spmd_types tyro docstring_parser; do cp -r "$P/tt/$d" "$C/tt/"; done
 find "$C" -name __pycache__ -prune -exec rm -rf {} +

@@ -72,6 +72,20 @@ def test_host_reads_compares_two_trees():
     assert int(rows["training step, loop path"][1]) == 4, out  # one per MoE layer, by design
 
 
+def test_gate_up_prints_both_paths_against_an_older_tree():
+    """HEAD's experts (already fused) against the working tree's: the same GEMMs, the same output."""
+    out = _run(
+        "benchmarks/gate_up.py", "--before", "HEAD", "--tokens", "32", "--d-model", "32",
+        "--hidden", "16", "--experts", "4", "--top-k", "2", "--repeats", "1",
+    )  # fmt: skip
+    rows = {tuple(ln.split()[:2]): ln.split()[2:] for ln in out.splitlines()[2:]}
+    assert set(rows) == {(p, w) for p in ("loop", "grouped_mm") for w in ("before", "now")}, out
+    for path in ("loop", "grouped_mm"):
+        assert rows[(path, "now")][:2] == rows[(path, "before")][:2], out  # GEMMs, aten ops
+        assert float(rows[(path, "now")][-1]) == 0.0, out  # max |dy|
+    assert rows[("grouped_mm", "now")][0] == "6", out  # two grouped GEMMs forward, four back
+
+
 def test_compiled_prints_eager_and_compiled_rows():
     out = _run(
         "benchmarks/compiled.py", *TINY, "--batch", "1", "--repeats", "1", "--warmup", "1",

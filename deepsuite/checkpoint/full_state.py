@@ -52,7 +52,7 @@ __all__ = [
     "dense_states_file",
     "read_full_state",
     "saved_layout",
-    "saved_parameter_names",
+    "saved_parameters",
 ]
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -107,11 +107,19 @@ def saved_layout(tag_dir: Path) -> dict[str, int]:
     }
 
 
-def saved_parameter_names(tag_dir: Path) -> set[str] | None:
-    """The parameter names a ZeRO 1-3 checkpoint's flat optimizer partitions were laid out by
-    (DeepSpeed's ``param_shapes``); None under ZeRO 0, whose torch optimizer state is by index."""
-    shapes = safe_torch_load(dense_states_file(Path(tag_dir))).get("param_shapes")
-    return {n for g in shapes for n in g} if shapes else None
+def saved_parameters(tag_dir: Path) -> set[str] | list[int] | None:
+    """What a checkpoint's optimizer state was laid out by: under ZeRO 1-3 the parameter names
+    of its flat partitions (DeepSpeed's ``param_shapes``), under ZeRO 0 the sizes of its torch
+    optimizer's groups (that state is by index); None when it saved no optimizer."""
+    tag_dir = Path(tag_dir)
+    dense = safe_torch_load(dense_states_file(tag_dir))
+    if dense.get("param_shapes"):
+        return {n for g in dense["param_shapes"] for n in g}
+    osd = dense.get("optimizer")
+    expp = tag_dir / "expp_rank_0_mp_rank_00_optim_states.pt"
+    if expp.is_file():  # ZeRO 0 under expert parallelism: one file per EP rank
+        osd = safe_torch_load(expp)["optimizer"]
+    return None if osd is None else [len(g["params"]) for g in osd["param_groups"]]
 
 
 def _cat_fragments(pieces: list[tuple[int, Tensor]]) -> Tensor:
@@ -185,7 +193,9 @@ def _read_zero0(tag_dir: Path, dense: dict, cfg: Config, ep: int, st: FullState)
             if len(g["params"]) != len(groups[gi]):
                 raise CheckpointError(
                     f"checkpoint {tag_dir}: optimizer group {gi} has {len(g['params'])} params, "
-                    f"the model built from its config has {len(groups[gi])}"
+                    f"the model built from its config has {len(groups[gi])} (a ZeRO-0 "
+                    "checkpoint from before the experts' gate and up became one parameter keeps "
+                    "3 per MoE layer: its weights load with train.init_from, its Adam state not)"
                 )
             for idx, name in zip(g["params"], groups[gi], strict=True):
                 s = osd["state"].get(idx, {})
@@ -225,8 +235,9 @@ def _read_module(tag_dir: Path, dense: dict) -> dict[str, Tensor]:
     return module
 
 
-def read_full_state(tag_dir: str | Path) -> FullState:
+def read_full_state(tag_dir: str | Path, *, optimizer: bool = True) -> FullState:
     """Undo the EP x EDP x ZeRO layout of one checkpoint tag directory (single process, CPU).
+    ``optimizer=False`` reads the weights only (ZeRO 0-2; ZeRO 3 keeps them with the masters).
 
     Raises ValueError naming the file or tensor when the checkpoint is not one this code wrote.
     """
@@ -239,9 +250,11 @@ def read_full_state(tag_dir: str | Path) -> FullState:
         st = FullState(module, fp32, moments, step, layout=layout)
     else:
         st = FullState(module=_read_module(tag_dir, dense), layout=layout)
-        if layout["zero"] in (1, 2):
+        if optimizer and layout["zero"] in (1, 2):
             _read_zero12(tag_dir, dense, world, ep, st)
-        else:  # ZeRO 0 names its optimizer state by index: the run's config says in what order
+        elif (
+            optimizer
+        ):  # ZeRO 0 names its optimizer state by index: the run's config says in what order
             cfg = config_from_dict(
                 json.loads((tag_dir / "trainer_state.json").read_text())["config"]
             )

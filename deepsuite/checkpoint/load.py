@@ -33,7 +33,7 @@ from deepsuite.checkpoint.full_state import (
     FullState,
     read_full_state,
     saved_layout,
-    saved_parameter_names,
+    saved_parameters,
 )
 from deepsuite.checkpoint.zero3 import partition_chunk
 from deepsuite.distributed.expert_shard import expert_slices, full_name, model_ep_size
@@ -161,6 +161,15 @@ def load_full_state(engine: Any, model: torch.nn.Module, state: FullState) -> No
     engine.skipped_steps = state.counters.get("skipped_steps", 0)
 
 
+def _same_parameters(saved: set[str] | list[int] | None, model: Any, engine: Any) -> bool:
+    """Whether the saved optimizer state is laid out by this model's parameters. DeepSpeed
+    restores it by position, not by name, so a checkpoint written with other parameters (before
+    the experts' gate and up became one) must be read by name instead."""
+    if isinstance(saved, set):
+        return saved == {n for n, _ in model.named_parameters()}
+    return saved is None or saved == [len(g["params"]) for g in engine.optimizer.param_groups]
+
+
 def load_any_layout(engine: Any, model: torch.nn.Module, ckpt_dir: str | Path, tag: str) -> bool:
     """Load ``<ckpt_dir>/<tag>`` into the live engine whatever EP / world / ZeRO stage saved it.
 
@@ -174,10 +183,7 @@ def load_any_layout(engine: Any, model: torch.nn.Module, ckpt_dir: str | Path, t
         "ep": model_ep_size(model),
         "zero": int(engine.zero_optimization_stage()),
     }
-    # DeepSpeed restores flat ZeRO partitions by position, not by name: a checkpoint whose
-    # parameters were others (one written before gate and up were fused) must go by name
-    names = saved_parameter_names(tag_dir)
-    if saved == here and (names is None or names == {n for n, _ in model.named_parameters()}):
+    if saved == here and _same_parameters(saved_parameters(tag_dir), model, engine):
         engine.load_checkpoint(str(ckpt_dir), tag=tag)  # strict
         return False
     if (dist.get_rank() if dist.is_initialized() else 0) == 0:

@@ -273,7 +273,7 @@ def load_pretrained_weights(model: DeepSeekLM, src: PretrainedSource) -> None:
         return
     from deepsuite.checkpoint.full_state import read_full_state
 
-    module = read_full_state(src.weights).module
+    module = read_full_state(src.weights, optimizer=False).module
 
     def read_full(key: str, rows: range | None) -> Tensor:
         t = module[key]
