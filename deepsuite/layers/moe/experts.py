@@ -200,17 +200,12 @@ SPLIT_WEIGHTS = ("gate_proj", "up_proj")
 
 def _split_one(state: MutableMapping[str, Tensor], key: str) -> None:
     """'<p>gate_up_proj' -> '<p>gate_proj', '<p>up_proj' (then '<p>down_proj' again, for the
-    seed's order). A live parameter (``keep_vars``) gives live views; anything else contiguous
-    copies, so a saved file holds each half once. A ZeRO-3 placeholder (not [.., 2F, D]) stands
-    for both halves."""
+    seed's order). The halves are views, so a state dict costs no memory at checkpoint time (and
+    ``torch.save`` writes their one storage once); writers that need contiguous tensors
+    (safetensors) make them. A ZeRO-3 placeholder (not [.., 2F, D]) stands for both halves."""
     p = key[: -len(FUSED_WEIGHT)]
     t = state.pop(key)
-    if t.dim() < 3:
-        halves = (t, t)
-    else:
-        halves = t.chunk(2, dim=-2)
-        if not isinstance(t, nn.Parameter):
-            halves = tuple(h.contiguous() for h in halves)
+    halves = (t, t) if t.dim() < 3 else t.chunk(2, dim=-2)
     for name, h in zip(SPLIT_WEIGHTS, halves, strict=True):
         state[p + name] = h
     if p + "down_proj" in state:
