@@ -43,7 +43,7 @@ from deepsuite.distributed.expert_shard import (
     stack_expert_slices,
 )
 from deepsuite.errors import CheckpointError
-from deepsuite.layers.moe import DeepSeekMoE, split_gate_up
+from deepsuite.layers.moe import DeepSeekMoE, split_gate_up, unfused_names
 from deepsuite.models import DeepSeekLM
 
 __all__ = [
@@ -190,14 +190,17 @@ def _read_zero0(tag_dir: Path, dense: dict, cfg: Config, ep: int, st: FullState)
         if osd is None:
             return
         for gi, g in enumerate(osd["param_groups"]):
-            if len(g["params"]) != len(groups[gi]):
+            names = groups[gi]
+            if len(g["params"]) != len(names):
+                # written before the experts' gate and up became one parameter: the same order
+                # with each gate_up_proj as gate_proj, up_proj
+                names = [h for n in names for h in unfused_names(n)]
+            if len(g["params"]) != len(names):
                 raise CheckpointError(
                     f"checkpoint {tag_dir}: optimizer group {gi} has {len(g['params'])} params, "
-                    f"the model built from its config has {len(groups[gi])} (a ZeRO-0 "
-                    "checkpoint from before the experts' gate and up became one parameter keeps "
-                    "3 per MoE layer: its weights load with train.init_from, its Adam state not)"
+                    f"the model built from its config has {len(groups[gi])}"
                 )
-            for idx, name in zip(g["params"], groups[gi], strict=True):
+            for idx, name in zip(g["params"], names, strict=True):
                 s = osd["state"].get(idx, {})
                 if "step" in s:
                     steps.add(int(s["step"]))

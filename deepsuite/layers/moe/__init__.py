@@ -9,7 +9,8 @@ from .balance import (
     sign_rule_update_,
 )
 from .dispatch import Dispatcher, ExpertRows, LocalDispatcher, LocalState, dispatch_reference
-from .experts import GroupedExperts, fuse_gate_up, split_gate_up
+from .experts import GroupedExperts
+from .gate_up import fuse_gate_up, split_gate_up, unfused_names
 from .layer import DeepSeekMoE, RoutingStats
 from .options import BalanceOptions, RoutingOptions
 from .router import Router, RouterOutput
@@ -35,4 +36,5 @@ __all__ = [
     "sequence_balance_loss",
     "sign_rule_update_",
     "split_gate_up",
+    "unfused_names",
 ]

@@ -8,10 +8,9 @@ Gate and up are one parameter, ``gate_up_proj`` [L, 2F, D] (expert e's gate rows
 rows [F:]), so each expert's two input projections are one GEMM forward and one per operand
 backward, and the device path runs two grouped GEMMs instead of three. Outside the module the
 names stay those of the seed and of Hugging Face: ``state_dict`` writes ``gate_proj`` and
-``up_proj`` [L, F, D] (:func:`split_gate_up`), ``load_state_dict`` takes them (or the fused
-tensor) back (:func:`fuse_gate_up`), and ``gate_proj`` / ``up_proj`` are views of the fused
-parameter. Code that reads parameters by name (optimizer state, ZeRO partitions) maps with the
-same two functions.
+``up_proj`` [L, F, D], ``load_state_dict`` takes them (or the fused tensor) back, and
+``gate_proj`` / ``up_proj`` are views of the fused parameter; ``gate_up.py`` holds that mapping
+for the module and for code that keys state by parameter (optimizer state, ZeRO partitions).
 
 Paths (all equal to ``forward_reference``, a per-expert autograd loop, held by tests):
 - CPU eager (the loop path): one autograd Function that loops over the slices with
@@ -29,13 +28,14 @@ Paths (all equal to ``forward_reference``, a per-expert autograd loop, held by t
 from __future__ import annotations
 
 import math
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .dispatch import ExpertRows
+from .gate_up import FUSED_WEIGHT, fuse_state_dict_hook, split_state_dict_hook
 from .grouped_mm import grouped_mm
 
 
@@ -194,63 +194,6 @@ def _grouped_swiglu(
     return grouped_mm(F.silu(g) * u, down_LDF.transpose(-2, -1), offs)
 
 
-FUSED_WEIGHT = "gate_up_proj"
-SPLIT_WEIGHTS = ("gate_proj", "up_proj")
-
-
-def _split_one(state: MutableMapping[str, Tensor], key: str) -> None:
-    """'<p>gate_up_proj' -> '<p>gate_proj', '<p>up_proj' (then '<p>down_proj' again, for the
-    seed's order). The halves are views, so a state dict costs no memory at checkpoint time (and
-    ``torch.save`` writes their one storage once); writers that need contiguous tensors
-    (safetensors) make them. A ZeRO-3 placeholder (not [.., 2F, D]) stands for both halves."""
-    p = key[: -len(FUSED_WEIGHT)]
-    t = state.pop(key)
-    halves = (t, t) if t.dim() < 3 else t.chunk(2, dim=-2)
-    for name, h in zip(SPLIT_WEIGHTS, halves, strict=True):
-        state[p + name] = h
-    if p + "down_proj" in state:
-        state[p + "down_proj"] = state.pop(p + "down_proj")
-
-
-def _fuse_one(state: MutableMapping[str, Tensor], prefix: str) -> None:
-    g, u = state.pop(prefix + "gate_proj"), state.pop(prefix + "up_proj")
-    state[prefix + FUSED_WEIGHT] = torch.cat([g, u], dim=-2) if g.dim() >= 3 else torch.cat([g, u])
-
-
-def _is_fused_key(key: str) -> bool:
-    return key == FUSED_WEIGHT or key.endswith("." + FUSED_WEIGHT)
-
-
-def split_gate_up(state: MutableMapping[str, Tensor]) -> MutableMapping[str, Tensor]:
-    """In place, for every ``...gate_up_proj`` [.., 2F, D]: the seed's and Hugging Face's
-    ``...gate_proj`` and ``...up_proj`` [.., F, D] instead (stacked [E, ...] or local [L, ...]
-    alike). Returns ``state``. Inverse of :func:`fuse_gate_up`."""
-    for key in [k for k in state if _is_fused_key(k)]:
-        _split_one(state, key)
-    return state
-
-
-def fuse_gate_up(state: MutableMapping[str, Tensor]) -> MutableMapping[str, Tensor]:
-    """In place, for every ``...gate_proj`` with its ``...up_proj`` beside it (the stacked
-    expert names; a dense MLP's end in ``.weight``): one ``...gate_up_proj`` (gate rows first).
-    Returns ``state``. Inverse of :func:`split_gate_up`."""
-    for key in [k for k in state if k == "gate_proj" or k.endswith(".gate_proj")]:
-        prefix = key[: -len("gate_proj")]
-        if prefix + "up_proj" in state:
-            _fuse_one(state, prefix)
-    return state
-
-
-def _split_hook(module: nn.Module, state: dict, prefix: str, _meta: object) -> None:
-    if prefix + FUSED_WEIGHT in state:
-        _split_one(state, prefix + FUSED_WEIGHT)
-
-
-def _fuse_hook(module: nn.Module, state: dict, prefix: str, *_: object) -> None:
-    if prefix + "gate_proj" in state and prefix + "up_proj" in state:
-        _fuse_one(state, prefix)
-
-
 class GroupedExperts(nn.Module):
     """L SwiGLU experts stored as stacked weights.
 
@@ -280,8 +223,8 @@ class GroupedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, d_model, d_hidden))
         # None: auto (CUDA with bf16/fp16, or while being compiled); True/False force a path
         self.use_grouped_mm: bool | None = None
-        self.register_state_dict_post_hook(_split_hook)
-        self.register_load_state_dict_pre_hook(_fuse_hook)
+        self.register_state_dict_post_hook(split_state_dict_hook)
+        self.register_load_state_dict_pre_hook(fuse_state_dict_hook)
         self.reset_parameters()
 
     @property
