@@ -67,7 +67,12 @@ def _backward(ctx, grad: Tensor):  # type: ignore[no-untyped-def]
     if ctx.needs_input_grad[0]:  # dx[rows of l] = dy[rows of l] @ w[l]^T
         da = grouped_mm(grad, b.transpose(-2, -1), offs)
     if ctx.needs_input_grad[1]:  # dw[l] = x[rows of l]^T @ dy[rows of l]
-        db = grouped_mm(a.transpose(0, 1), grad, offs)
+        if b.transpose(-2, -1).is_contiguous():
+            # b is a transposed [L, M, K] weight (nn.Linear layout, as the experts pass it):
+            # compute dw^T in that layout, so the weight's gradient needs no transposing copy
+            db = grouped_mm(grad.transpose(0, 1), a, offs).transpose(-2, -1)
+        else:
+            db = grouped_mm(a.transpose(0, 1), grad, offs)
     return da, db, None
 
 
