@@ -137,7 +137,7 @@ def _png_size(path):
 # after a 20-step warm-up: an expert without a token for 10 steps, or a window MaxVio over 2.5
 # (gamma 0 goes to ~3, the most top-2 of 8 experts allows; gamma 0.02 stays under 1.7)
 ALERTS = [
-    "logging.alert_dead_steps=10",
+    "logging.alert_dead_steps=15",
     "logging.alert_max_vio=2.5",
     "logging.alert_after_steps=20",
 ]
@@ -198,7 +198,7 @@ def test_balancing_shows_in_metrics_plots_and_alerts(tmp_path):
     steps = [int(text.split(":")[0].split()[1]) for text in alerts[0.0]]
     assert min(steps) > 20  # nothing in the warm-up
     imbalanced = [t.split(":")[1] for t in alerts[0.0] if "alert_max_vio=2.5" in t]
-    dead = [t for t in alerts[0.0] if "received no token for 10+ steps" in t]
+    dead = [t for t in alerts[0.0] if "received no token for 15+ steps" in t]
     assert imbalanced and dead and len(imbalanced) + len(dead) == len(alerts[0.0])
     assert len(imbalanced) == len(set(imbalanced))  # once per layer: it never recovered
 
