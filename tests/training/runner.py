@@ -144,12 +144,19 @@ K = TypeVar("K")
 
 @dataclass(frozen=True)
 class Job:
-    """One run_train call: its run dir, overrides, ranks and launcher."""
+    """One run_train call: its run dir, overrides, ranks, launcher and extra environment."""
 
     run_dir: Path
     overrides: list[str]
     nproc: int = 2
     launcher: str = "torchrun"
+    extra_env: dict[str, str] | None = None
+
+
+def _run_job(job: Job) -> subprocess.CompletedProcess:
+    return run_train(
+        job.run_dir, job.overrides, job.nproc, job.launcher, check=False, extra_env=job.extra_env
+    )
 
 
 def run_trains(
@@ -158,15 +165,12 @@ def run_trains(
     """Independent runs, ``at_once`` of them at a time; name -> finished process.
 
     One launch alone keeps about one of two cores busy (imports, inductor's compile and the ranks
-    waiting on each other's collectives are mostly serial), so two at once take little more wall
-    time than one. Each run has its own port, run dir and single-threaded ranks: its results are
+    waiting on each other's collectives are mostly serial), so two at once end sooner than one
+    after the other. Each run has its own port, run dir and single-threaded ranks: its results are
     those it gives alone. ``check``: after all ended, fail on the first that did not exit 0.
     """
     with ThreadPoolExecutor(max_workers=at_once) as pool:
-        futures = {
-            name: pool.submit(run_train, j.run_dir, j.overrides, j.nproc, j.launcher, check=False)
-            for name, j in jobs.items()
-        }
+        futures = {name: pool.submit(_run_job, job) for name, job in jobs.items()}
         procs = {name: f.result() for name, f in futures.items()}
     if check:
         for proc in procs.values():
