@@ -65,9 +65,20 @@ def _compare(model, ref, loss, want) -> dict:
     return {"loss": (loss.detach(), want.detach()), "grads": grads}
 
 
+def _both_worker(rank: int, world: int) -> dict[str, dict]:
+    """Both settings in one launch: "full" first, all eager, then "none" and its compiled
+    blocks (each on a model and expert-parallel groups of its own)."""
+    return {ckpt: _worker(rank, world, ckpt) for ckpt in ("full", "none")}
+
+
+@pytest.fixture(scope="module")
+def launched() -> list[dict[str, dict]]:
+    return run_ranks(_both_worker, 2, init="deepspeed", timeout_s=300)
+
+
 @pytest.mark.parametrize("ckpt", ["none", "full"])
-def test_one_read_per_moe_layer_and_one_graph_break(ckpt):
-    for r in run_ranks(_worker, 2, ckpt, init="deepspeed", timeout_s=300):
+def test_one_read_per_moe_layer_and_one_graph_break(launched, ckpt):
+    for r in (rank[ckpt] for rank in launched):
         n = r["n_moe"]
         assert n == 3  # two main MoE blocks and the MTP block's
         assert len(r["fwd"]) == n and all("distributed/dispatch.py" in w for w in r["fwd"])

@@ -71,9 +71,22 @@ def _worker(rank: int, world: int, unit: str, M: int) -> dict:
     }
 
 
-@pytest.mark.parametrize(("unit", "M"), [("ranks", 2), ("nodes", 1)])
-def test_each_token_reaches_at_most_M_units_and_a2a_rows_are_the_dedup_minimum(unit, M):
-    res = run_ranks(_worker, 4, unit, M)
+CASES = [("ranks", 2), ("nodes", 1)]
+
+
+def _cases_worker(rank: int, world: int) -> dict[tuple[str, int], dict]:
+    """Every case in one launch of the 4 ranks (each case seeds and builds its own layer)."""
+    return {(unit, M): _worker(rank, world, unit, M) for unit, M in CASES}
+
+
+@pytest.fixture(scope="module")
+def launched() -> list[dict[tuple[str, int], dict]]:
+    return run_ranks(_cases_worker, 4)
+
+
+@pytest.mark.parametrize(("unit", "M"), CASES)
+def test_each_token_reaches_at_most_M_units_and_a2a_rows_are_the_dedup_minimum(launched, unit, M):
+    res = [rank[(unit, M)] for rank in launched]
     for r in res:
         per_token = r["ranks_per_token"] if unit == "ranks" else r["nodes_per_token"]
         assert r["n_group"] == (4 if unit == "ranks" else 2)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import pytest
 import torch
@@ -20,7 +22,7 @@ from deepsuite.checkpoint import layout as ckpt
 from deepsuite.checkpoint.convert import reshard_checkpoint, reshard_main
 from deepsuite.checkpoint.full_state import read_full_state, saved_layout
 from deepsuite.errors import run_main
-from tests.training.runner import losses, run_train
+from tests.training.runner import Job, assert_ran, losses, run_train, run_trains
 from tests.training.test_train import final_state
 
 TAG = "step_00000002"
@@ -69,12 +71,23 @@ def _same_state(a, b) -> None:
     assert (a.adam_step, a.lr_last_epoch, a.counters) == (b.adam_step, b.lr_last_epoch, b.counters)
 
 
+@pytest.fixture(scope="module")
+def resumed_smaller(ref, tmp_path_factory) -> dict[int, tuple[Path, CompletedProcess]]:
+    """The EP-4 step-2 checkpoint resumed at EP 2 and at EP 1, both runs at once; each test checks
+    its own run's exit status."""
+    src_tag, base = ref[0], tmp_path_factory.mktemp("resumed_smaller")
+    resume = _only_tag(src_tag, base / "from_ep4")
+    over = [*BASE, "train.steps=3", f"train.resume={resume}"]
+    jobs = {ep: Job(base / f"ep{ep}", [*over, *_ep(ep)], nproc=ep) for ep in (2, 1)}
+    procs = run_trains(jobs, check=False)
+    return {ep: (jobs[ep].run_dir, procs[ep]) for ep in jobs}
+
+
 @pytest.mark.parametrize("ep", [2, 1])
-def test_ep4_checkpoint_resumes_at_smaller_ep_on_load(ref, tmp_path, ep):
-    src_tag, ref_losses = ref
-    resume = _only_tag(src_tag, tmp_path / "from_ep4")
-    run = tmp_path / f"ep{ep}"
-    proc = run_train(run, [*BASE, *_ep(ep), "train.steps=3", f"train.resume={resume}"], nproc=ep)
+def test_ep4_checkpoint_resumes_at_smaller_ep_on_load(ref, resumed_smaller, ep):
+    _, ref_losses = ref
+    run, proc = resumed_smaller[ep]
+    assert_ran(proc)
     assert "resharding" in proc.stdout + proc.stderr
     got = losses(run)
     assert sorted(got) == [3]  # resumed at step 2: the data position came along
@@ -87,7 +100,13 @@ def test_converter_round_trip_4_1_2_4_and_resumes(ref, tmp_path):
     src_tag, ref_losses = ref
     d1 = reshard_checkpoint(src_tag, tmp_path / "ep1", ep=1)
     d2 = reshard_checkpoint(d1.parent, tmp_path / "ep2", ep=2)
-    d4 = reshard_checkpoint(d2.parent, tmp_path / "ep4", ep=4)
+    # the native files at EP 2 load with the stock DeepSpeed load (no resharding on load): a run
+    # resuming them, started while the converter writes EP 4 from them
+    run = tmp_path / "run_ep2"
+    over = [*BASE, *_ep(2), "train.steps=3", f"train.resume={d2.parent}"]
+    with ThreadPoolExecutor(1) as pool:
+        resumed = pool.submit(run_train, run, over, nproc=2)
+        d4 = reshard_checkpoint(d2.parent, tmp_path / "ep4", ep=4)
     for d, (world, ep) in ((d1, (1, 1)), (d2, (2, 2)), (d4, (4, 4))):
         assert ckpt.find_resumable(d.parent) == TAG  # manifest + latest committed
         assert saved_layout(d) == {"world": world, "ep": ep, "zero": 1}
@@ -100,9 +119,7 @@ def test_converter_round_trip_4_1_2_4_and_resumes(ref, tmp_path):
     assert src.adam_step == 2 and src.moments["exp_avg"]
     _same_state(src, read_full_state(d1))  # 4 -> 1: nothing lost
     _same_state(src, read_full_state(d4))  # ... -> 2 -> 4: bit-exact round trip
-    # the native files at EP 2 load with the stock DeepSpeed load (no resharding on load)
-    run = tmp_path / "run_ep2"
-    proc = run_train(run, [*BASE, *_ep(2), "train.steps=3", f"train.resume={d2.parent}"], nproc=2)
+    proc = resumed.result()
     assert "resharding" not in proc.stdout + proc.stderr
     assert losses(run)[3] == pytest.approx(ref_losses[3], abs=TOL)
 
@@ -134,27 +151,32 @@ def test_zero3_reshards_to_zero1_and_back(tmp_path, capsys):
     assert err.startswith("deepsuite reshard: error: ") and "Traceback" not in err, err
     assert not (tmp_path / "bad").exists()
 
-    run1 = tmp_path / "run_zero1"
+    # three independent resumes, two at a time
+    run1, run3, run31 = tmp_path / "run_zero1", tmp_path / "run_zero3", tmp_path / "run_zero31"
     resume = f"train.resume={_only_tag(src_tag, tmp_path / 'from_zero3')}"
     over = [*BASE, *_ep(2), *ZERO1, "train.steps=3", "train.export_final=true", resume]
-    proc = run_train(run1, over, nproc=2)
-    assert "resharding" in proc.stdout + proc.stderr
+    procs = run_trains(
+        {
+            # a ZeRO-1 run resumes the ZeRO-3 checkpoint, resharding on load
+            run1: Job(run1, over, nproc=2),
+            # a ZeRO-3 run resumes the converted ZeRO-3 checkpoint natively
+            run3: Job(run3, [*zero3, f"train.resume={d3.parent}"], nproc=4),
+            # on load the other way: a ZeRO-3 run at EP 2 x DP 2 resumes the ZeRO-1 checkpoint
+            run31: Job(run31, [*zero3, f"train.resume={d1.parent}"], nproc=4),
+        }
+    )
+    assert "resharding" in procs[run1].stdout + procs[run1].stderr
     assert losses(run1)[3] == pytest.approx(ref_losses[3], rel=1e-6)
     a, b = final_state(ref), final_state(run1)
     biases = [k for k in a if k.endswith("router.expert_bias")]
     assert biases and all(torch.equal(a[k], b[k]) for k in biases)
 
-    run3 = tmp_path / "run_zero3"
-    proc = run_train(run3, [*zero3, f"train.resume={d3.parent}"], nproc=4)
-    assert "resharding" not in proc.stdout + proc.stderr
+    assert "resharding" not in procs[run3].stdout + procs[run3].stderr
     assert losses(run3) == {3: ref_losses[3]}
     b = final_state(run3)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
-    # on load the other way: a ZeRO-3 run at EP 2 x DP 2 resumes the ZeRO-1 checkpoint
-    run31 = tmp_path / "run_zero3_from_zero1"
-    proc = run_train(run31, [*zero3, f"train.resume={d1.parent}"], nproc=4)
-    assert "resharding" in proc.stdout + proc.stderr
+    assert "resharding" in procs[run31].stdout + procs[run31].stderr
     assert losses(run31)[3] == pytest.approx(ref_losses[3], rel=1e-6)
     b = final_state(run31)
     assert all(torch.equal(a[k], b[k]) for k in biases)

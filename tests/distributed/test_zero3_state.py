@@ -129,9 +129,20 @@ def _worker(rank: int, world: int, tmp: str, bf16: bool) -> dict:
     return {"wrong": wrong, "padded": padded, "step": back.adam_step, "layout": back.layout}
 
 
+def _both_worker(rank: int, world: int, tmp: str) -> dict[bool, dict]:
+    """fp32, then bf16, in one launch of the 4 ranks (each its own engine and checkpoint dir)."""
+    return {bf16: _worker(rank, world, f"{tmp}/bf16={bf16}", bf16) for bf16 in (False, True)}
+
+
+@pytest.fixture(scope="module")
+def poured(tmp_path_factory) -> list[dict[bool, dict]]:
+    tmp = tmp_path_factory.mktemp("zero3_state")
+    return run_ranks(_both_worker, 4, str(tmp), init="deepspeed", timeout_s=600)
+
+
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-def test_zero3_state_poured_and_read_back_bitwise(tmp_path, bf16):
-    results = run_ranks(_worker, 4, str(tmp_path), bf16, init="deepspeed", timeout_s=600)
+def test_zero3_state_poured_and_read_back_bitwise(poured, bf16):
+    results = [r[bf16] for r in poured]
     for r in results:
         assert r["wrong"] == []
         assert r["step"] == 3 and r["layout"] == {"world": 4, "ep": EP, "zero": 3}

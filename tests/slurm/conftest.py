@@ -17,7 +17,7 @@ import pytest
 
 from tests.distributed.launch import CACHE
 from tests.slurm.cluster import SlurmCluster, missing_binaries
-from tests.slurm.jobs import ended, submit
+from tests.slurm.jobs import ended, run_dir_for, submit
 
 
 def _unavailable(reason: str) -> None:
@@ -52,7 +52,7 @@ class Reference:
 
 @pytest.fixture(scope="session")
 def reference(slurm_cluster: SlurmCluster) -> Reference:
-    run_dir = CACHE / "tmp" / f"slurm-ref-{os.getpid()}"
+    run_dir = run_dir_for("ref")
     job = submit(slurm_cluster, "train_torchrun.sbatch", run_dir)
     ended(slurm_cluster, job, "COMPLETED", timeout_s=240)
     return Reference(run_dir, job)

@@ -11,7 +11,7 @@ import re
 import time
 from pathlib import Path
 
-from tests.distributed.launch import ROOT
+from tests.distributed.launch import CACHE, ROOT
 from tests.slurm.cluster import SlurmCluster
 from tests.training.runner import CHECKPOINTED_RUN
 
@@ -22,6 +22,12 @@ NOISE = ("Traceback", "SignalException", "ChildFailedError", "srun: error")
 
 
 _LOG_DIRS: dict[int, Path] = {}
+
+
+def run_dir_for(name: str) -> Path:
+    """The run dir of this session's job ``name``: under the checkout's cache, outside the
+    cluster's own directory, unique to this pytest process."""
+    return CACHE / "tmp" / f"slurm-{name}-{os.getpid()}"
 
 
 def submit(

@@ -10,18 +10,15 @@ requeued it ends FAILED with exit 75, not COMPLETED.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import time
-from pathlib import Path
 
 import pytest
 
 from deepsuite.checkpoint.layout import tag_for_step, verify_checkpoint
 from deepsuite.runlog import read_metrics
 from deepsuite.training.preemption import StopRequested
-from tests.distributed.launch import CACHE
 from tests.slurm.cluster import TERMINAL, SlurmCluster
 from tests.slurm.conftest import Reference
 from tests.slurm.jobs import (
@@ -30,6 +27,7 @@ from tests.slurm.jobs import (
     completions,
     ended,
     logs,
+    run_dir_for,
     submit,
     wait_running,
 )
@@ -45,10 +43,6 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.distributed]
 STEPS = CHECKPOINTED_STEPS
 SCRIPT = "train_torchrun.sbatch"
 LONG_RUN = (*CHECKPOINTED_RUN, "train.steps=1000")  # cannot end before its notice
-
-
-def run_dir_for(name: str) -> Path:
-    return CACHE / "tmp" / f"slurm-{name}-{os.getpid()}"
 
 
 def notice_at(cluster: SlurmCluster, job: int, seconds: float, *scancel_args: str) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from deepsuite.checkpoint.layout import verify_checkpoint
-from tests.distributed.launch import CACHE, ROOT
+from tests.distributed.launch import ROOT
 from tests.slurm.cluster import SlurmCluster
 from tests.slurm.conftest import Reference
 from tests.slurm.jobs import (
@@ -25,6 +25,7 @@ from tests.slurm.jobs import (
     completions,
     ended,
     log_paths,
+    run_dir_for,
     submit,
 )
 from tests.training.runner import CHECKPOINTED_STEPS, losses
@@ -84,7 +85,7 @@ def test_other_launch_styles_match_torchrun_from_any_directory(
     """Submitted from a directory outside the checkout, by a relative path: the logs still go to
     slurm/logs/ of the checkout, and the job leaves nothing else there (no hostfile) nor in its
     temp directory."""
-    run_dir = CACHE / "tmp" / f"slurm-{script.split('.')[0]}-{os.getpid()}"
+    run_dir = run_dir_for(script.split(".")[0])
     elsewhere = tmp_path / "somewhere" / "else"
     elsewhere.mkdir(parents=True)
     before = _checkout_files()
@@ -110,7 +111,7 @@ def test_other_launch_styles_match_torchrun_from_any_directory(
 def test_gpu_node_given_no_gpus_is_a_loud_error(slurm_cluster: SlurmCluster) -> None:
     """On a GPU node (DEEPSUITE_ACCELERATOR=cuda: the detection's override) a job that asked for
     no GPUs stops at once with a line saying how to ask, instead of one rank per node."""
-    run_dir = CACHE / "tmp" / f"slurm-nogpu-{os.getpid()}"
+    run_dir = run_dir_for("nogpu")
     job = submit(
         slurm_cluster, "train_torchrun.sbatch", run_dir, env={"DEEPSUITE_ACCELERATOR": "cuda"}
     )
@@ -123,7 +124,7 @@ def test_gpu_node_given_no_gpus_is_a_loud_error(slurm_cluster: SlurmCluster) -> 
 def test_container_image_is_passed_to_srun(slurm_cluster: SlurmCluster) -> None:
     """CONTAINER_IMAGE adds pyxis' --container-image to the step's srun (this cluster has no
     pyxis, so srun refuses the option: proof that it was given) and the job fails with srun."""
-    run_dir = CACHE / "tmp" / f"slurm-container-{os.getpid()}"
+    run_dir = run_dir_for("container")
     image = "nvcr.io#nvidia/pytorch:24.05-py3"
     job = submit(slurm_cluster, "train_srun.sbatch", run_dir, env={"CONTAINER_IMAGE": image})
     text = ended(slurm_cluster, job, "FAILED", timeout_s=60)

@@ -9,7 +9,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import torch
@@ -122,11 +125,57 @@ def run_train(
     if launcher == "accelerate":
         e["ACCELERATE_USE_CPU"] = "1"
     proc = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-        )
+    if check:
+        assert_ran(proc)
     return proc
+
+
+def assert_ran(proc: subprocess.CompletedProcess) -> None:
+    """Fail with the command and the end of its output unless the run exited 0."""
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(proc.args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+            f"{proc.stderr[-6000:]}"
+        )
+
+
+K = TypeVar("K")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run_train call: its run dir, overrides, ranks, launcher and extra environment."""
+
+    run_dir: Path
+    overrides: list[str]
+    nproc: int = 2
+    launcher: str = "torchrun"
+    extra_env: dict[str, str] | None = None
+
+
+def _run_job(job: Job) -> subprocess.CompletedProcess:
+    return run_train(
+        job.run_dir, job.overrides, job.nproc, job.launcher, check=False, extra_env=job.extra_env
+    )
+
+
+def run_trains(
+    jobs: dict[K, Job], at_once: int = 2, check: bool = True
+) -> dict[K, subprocess.CompletedProcess]:
+    """Independent runs, ``at_once`` of them at a time; name -> finished process.
+
+    One launch alone keeps about one of two cores busy (imports, inductor's compile and the ranks
+    waiting on each other's collectives are mostly serial), so two at once end sooner than one
+    after the other. Each run has its own port, run dir and single-threaded ranks: its results are
+    those it gives alone. ``check``: after all ended, fail on the first that did not exit 0.
+    """
+    with ThreadPoolExecutor(max_workers=at_once) as pool:
+        futures = {name: pool.submit(_run_job, job) for name, job in jobs.items()}
+        procs = {name: f.result() for name, f in futures.items()}
+    if check:
+        for proc in procs.values():
+            assert_ran(proc)
+    return procs
 
 
 # The tiny config for 8 steps with a checkpoint every 2: the fault-tolerance and SLURM tests'

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -61,16 +62,30 @@ def finish(proc: subprocess.Popen, run_dir: Path, timeout_s: float = 240.0) -> s
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An uninterrupted run, checkpoints at steps 2, 4, 6, 8 kept."""
+def reference_started(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Path, subprocess.Popen]]:
+    """The uninterrupted run, started (the first test runs its own beside it); stopped at the
+    module's end if no test waited for it."""
     run_dir = tmp_path_factory.mktemp("ft") / "reference"
-    finish(torchrun(run_dir), run_dir)
+    proc = torchrun(run_dir)
+    yield run_dir, proc
+    if proc.poll() is None:
+        proc.terminate()  # torchrun passes it on to its workers
+        proc.wait(60)
+
+
+@pytest.fixture(scope="module")
+def reference(reference_started: tuple[Path, subprocess.Popen]) -> Path:
+    """An uninterrupted run, checkpoints at steps 2, 4, 6, 8 kept."""
+    run_dir, proc = reference_started
+    finish(proc, run_dir)
     assert find_resumable(run_dir / "checkpoints") == tag_for_step(STEPS)
     return run_dir
 
 
 def test_killed_rank_restarts_the_group_and_resumes_to_the_same_model(
-    reference: Path, tmp_path: Path
+    reference_started: tuple[Path, subprocess.Popen], tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     run_dir = tmp_path / "killed"
     proc = torchrun(run_dir, "--max-restarts=1")
@@ -91,7 +106,7 @@ def test_killed_rank_restarts_the_group_and_resumes_to_the_same_model(
     assert 2 <= resumed_at < STEPS
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == STEPS and summary["steps_this_run"] == STEPS - resumed_at
-    assert_same_run(run_dir, reference)
+    assert_same_run(run_dir, request.getfixturevalue("reference"))  # it ran beside this one
 
 
 def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 
-from tests.training.runner import ROOT, env, metrics, run_train
+from tests.training.runner import ROOT, Job, env, metrics, run_train, run_trains
 from tests.training.wandb_reader import read_offline_run
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -146,12 +146,10 @@ ALERTS = [
 def test_balancing_shows_in_metrics_plots_and_alerts(tmp_path):
     """gamma 0 lets the routing collapse (global MaxVio climbs and stays high, experts die, the
     alerts fire once per onset); the bias keeps it low and the alerts silent."""
-    late, alerts = {}, {}
-    for gamma in (0.0, 0.02):
-        run_dir = tmp_path / f"gamma{gamma}"
-        wandb = ["logging.wandb=offline"] if gamma == 0 else []  # where alerts are to be read
-        proc = run_train(
-            run_dir,
+    late, alerts, gammas = {}, {}, (0.0, 0.02)
+    jobs = {
+        gamma: Job(
+            tmp_path / f"gamma{gamma}",
             [
                 *BASE,
                 "train.steps=40",
@@ -160,12 +158,17 @@ def test_balancing_shows_in_metrics_plots_and_alerts(tmp_path):
                 "logging.moe_every=5",
                 f"moe.bias_update_speed={gamma}",
                 "train.export_final=false",
-                *wandb,
+                *(["logging.wandb=offline"] if gamma == 0 else []),  # where alerts are read
                 *ALERTS,
             ],
             nproc=1,
             extra_env={"WANDB_DIR": str(tmp_path / f"wandb{gamma}")},
         )
+        for gamma in gammas
+    }
+    procs = run_trains(jobs)  # both at once
+    for gamma in gammas:
+        run_dir, proc, wandb = jobs[gamma].run_dir, procs[gamma], gamma == 0
         console = [ln for ln in proc.stderr.splitlines() if ln.startswith("deepsuite WARNING")]
         alerts[gamma] = [ln.split(" ", 2)[2] for ln in console]
         if wandb:  # the same alerts reach wandb

@@ -7,7 +7,8 @@ are listed apart (not the trainer's to remove).
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 
@@ -59,9 +60,22 @@ def _ours(places: list[str]) -> list[str]:
     return [p for p in places if p.startswith("deepsuite/")]
 
 
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory) -> Iterator[dict[int, Future]]:
+    """The 1-rank and the 2-rank run started together (each its own processes and run dir);
+    each test waits for its own, so a failed run fails its test only."""
+
+    def launch(ep: int) -> list[dict]:
+        run_dir = str(tmp_path_factory.mktemp(f"ep{ep}"))
+        return run_ranks(_worker, ep, run_dir, ep, init=None, timeout_s=400)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        yield {ep: pool.submit(launch, ep) for ep in (1, 2)}
+
+
 @pytest.mark.parametrize("ep", [1, 2])
-def test_a_step_reads_only_what_it_must_and_logging_reads_once(tmp_path: Path, ep: int) -> None:
-    results = run_ranks(_worker, ep, str(tmp_path), ep, init=None, timeout_s=400)
+def test_a_step_reads_only_what_it_must_and_logging_reads_once(launched, ep: int) -> None:
+    results = launched[ep].result()
     for res in results:
         mine = _ours(res["step"])
         if ep == 1:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.training.runner import losses, metrics, run_train
+from tests.training.runner import Job, assert_ran, losses, metrics, run_train, run_trains
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -65,10 +65,36 @@ VARIANTS = {
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """Every variant's run, two at a time (independent runs: each gives what it gives alone)."""
     base = tmp_path_factory.mktemp("train")
-    for name, (nproc, extra) in VARIANTS.items():
-        run_train(base / name, [*COMMON, *extra], nproc=nproc)
+    run_trains(
+        {n: Job(base / n, [*COMMON, *extra], nproc) for n, (nproc, extra) in VARIANTS.items()}
+    )
     return base
+
+
+AUX_HEAD = (
+    "model.aux_heads=[{name: next2, layer: 1, offset: 2, weight: 0.5, modules: ["
+    "{type: LayerNorm, args: {normalized_shape: '@dim'}}, "
+    "{type: HermiteExpansion, args: {in_features: '@dim', out_features: '@vocab', degree: 3}}]}]"
+)
+
+
+@pytest.fixture(scope="module")
+def ep2_runs(tmp_path_factory):
+    """The other EP-2 jobs (other launchers, an auxiliary head, bf16, a run stopped at step 2),
+    two at a time; each test checks its own job's exit status (a failed job fails its test only)."""
+    base, ep2 = tmp_path_factory.mktemp("ep2_runs"), [*COMMON, *VARIANTS["ep2"][1]]
+    jobs = {
+        "deepspeed": Job(base / "deepspeed", ep2, launcher="deepspeed"),
+        "accelerate": Job(base / "accelerate", ep2, launcher="accelerate"),
+        "aux": Job(base / "aux", [*ep2, "train.steps=8", AUX_HEAD]),
+        "bf16": Job(base / "bf16", [*ep2, "train.precision=bf16"]),
+        # the first half of test_resume_is_bit_identical's run
+        "resumed": Job(base / "resumed", [*ep2, "train.stop_at_step=2"]),
+    }
+    procs = run_trains(jobs, check=False)
+    return {name: (jobs[name].run_dir, procs[name]) for name in jobs}
 
 
 def final_state(run_dir):
@@ -137,25 +163,30 @@ def test_document_masking_reaches_the_model(tmp_path):
         for _ in range(600)
     ]
     (tmp_path / "short.jsonl").write_text("\n".join(lines) + "\n")
-    first = {}
-    for masked in (False, True):
-        run_dir = tmp_path / f"masked_{masked}"
-        extra = [
-            *VARIANTS["one"][1],
-            f"data.source={tmp_path / 'short.jsonl'}",
-            f"data.document_masking={str(masked).lower()}",
-            "train.steps=1",
-        ]
-        run_train(run_dir, [*COMMON, *extra], nproc=1)
-        first[masked] = losses(run_dir)[1]
+    jobs = {
+        masked: Job(
+            tmp_path / f"masked_{masked}",
+            [
+                *COMMON,
+                *VARIANTS["one"][1],
+                f"data.source={tmp_path / 'short.jsonl'}",
+                f"data.document_masking={str(masked).lower()}",
+                "train.steps=1",
+            ],
+            nproc=1,
+        )
+        for masked in (False, True)
+    }
+    run_trains(jobs)  # both at once
+    first = {masked: losses(job.run_dir)[1] for masked, job in jobs.items()}
     assert first[True] != first[False], first
     assert abs(first[True] - first[False]) < 0.1 * first[False], first
 
 
-def test_resume_is_bit_identical(runs, tmp_path):
-    run_dir = tmp_path / "resumed"
+def test_resume_is_bit_identical(runs, ep2_runs):
+    run_dir, proc = ep2_runs["resumed"]  # ran with train.stop_at_step=2
+    assert_ran(proc)
     extra = VARIANTS["ep2"][1]
-    run_train(run_dir, [*COMMON, *extra, "train.stop_at_step=2"], nproc=2)
     first = json.loads((run_dir / "summary.json").read_text())
     assert first["steps"] == 2 and not (run_dir / "final").exists()
     run_train(run_dir, [*COMMON, *extra], nproc=2)
@@ -197,9 +228,9 @@ def test_checkpoint_is_committed_with_a_manifest(runs):
 
 
 @pytest.mark.parametrize("launcher", ["deepspeed", "accelerate"])
-def test_launchers_run_the_same_job(runs, tmp_path, launcher):
-    run_dir = tmp_path / launcher
-    proc = run_train(run_dir, [*COMMON, *VARIANTS["ep2"][1]], nproc=2, launcher=launcher)
+def test_launchers_run_the_same_job(runs, ep2_runs, launcher):
+    run_dir, proc = ep2_runs[launcher]
+    assert_ran(proc)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == STEPS, proc.stdout[-2000:]
     # the same two ranks, whoever started them: the same losses as under torchrun
@@ -228,22 +259,17 @@ def test_bad_world_fails_fast_on_every_rank(tmp_path):
     shutil.rmtree(tmp_path / "bad", ignore_errors=True)
 
 
-def test_aux_head_trains_with_the_model(tmp_path):
-    run_dir = tmp_path / "aux"
-    head = (
-        "model.aux_heads=[{name: next2, layer: 1, offset: 2, weight: 0.5, modules: ["
-        "{type: LayerNorm, args: {normalized_shape: '@dim'}}, "
-        "{type: HermiteExpansion, args: {in_features: '@dim', out_features: '@vocab', degree: 3}}]}]"
-    )
-    run_train(run_dir, [*COMMON, *VARIANTS["ep2"][1], "train.steps=8", head], nproc=2)
+def test_aux_head_trains_with_the_model(ep2_runs):
+    run_dir, proc = ep2_runs["aux"]
+    assert_ran(proc)
     series = [r["loss/aux_next2"] for r in metrics(run_dir)]
     assert len(series) == 8
     assert series[-1] < series[0] - 0.2  # the head learns, through the sharded model
 
 
-def test_bf16_keeps_the_bias_float32(tmp_path):
-    run_dir = tmp_path / "bf16"
-    run_train(run_dir, [*COMMON, *VARIANTS["ep2"][1], "train.precision=bf16"], nproc=2)
+def test_bf16_keeps_the_bias_float32(ep2_runs):
+    run_dir, proc = ep2_runs["bf16"]
+    assert_ran(proc)
     state = final_state(run_dir)
     biases = {k: v for k, v in state.items() if k.endswith("expert_bias")}
     assert biases and all(v.dtype == torch.float32 for v in biases.values())

@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 
-from tests.training.runner import losses, metrics, run_train
+from tests.training.runner import Job, assert_ran, losses, metrics, run_train, run_trains
 from tests.training.test_train import COMMON, STEPS, final_state
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -33,11 +33,27 @@ CKPT = ["train.activation_checkpointing=full"]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def started(tmp_path_factory):
+    """Every launch of this module that needs no other's output, two at a time: the two compared
+    runs (checked here), and the bf16 run and the first half of the resumed one (each checked by
+    its test, so a failed one fails its test only)."""
     base = tmp_path_factory.mktemp("zero3")
-    run_train(base / "one", [*COMMON, *ONE], nproc=1)
-    run_train(base / "zero3", [*COMMON, *EP2_ZERO3, *CKPT], nproc=2)
-    return base
+    jobs = {
+        "one": Job(base / "one", [*COMMON, *ONE], nproc=1),
+        "zero3": Job(base / "zero3", [*COMMON, *EP2_ZERO3, *CKPT]),
+        "resumed": Job(base / "resumed", [*COMMON, *EP2_ZERO3, *CKPT, "train.stop_at_step=2"]),
+        "bf16": Job(base / "bf16", [*COMMON, *EP2_ZERO3, "train.precision=bf16"]),
+    }
+    procs = run_trains(jobs, check=False)
+    assert_ran(procs["one"])
+    assert_ran(procs["zero3"])
+    return {name: (jobs[name].run_dir, procs[name]) for name in jobs}
+
+
+@pytest.fixture(scope="module")
+def runs(started):
+    """The directory holding the one-process run "one" and the ZeRO-3 run "zero3"."""
+    return started["one"][0].parent
 
 
 def test_zero3_two_ranks_equal_one_process(runs):
@@ -75,9 +91,9 @@ def test_zero3_run_converts_to_hugging_face(runs, tmp_path):
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
-def test_zero3_resume_is_bit_identical(runs, tmp_path):
-    run_dir = tmp_path / "resumed"
-    run_train(run_dir, [*COMMON, *EP2_ZERO3, *CKPT, "train.stop_at_step=2"], nproc=2)
+def test_zero3_resume_is_bit_identical(runs, started):
+    run_dir, proc = started["resumed"]  # ran with train.stop_at_step=2
+    assert_ran(proc)
     files = {p.name for p in (run_dir / "checkpoints" / "step_00000002").iterdir()}
     assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= files
     run_train(run_dir, [*COMMON, *EP2_ZERO3, *CKPT], nproc=2)
@@ -110,9 +126,9 @@ def test_zero3_checkpoint_reads_as_the_engine_gathered_it(runs):
     assert st.moments["exp_avg_sq"]["layers.1.ffn.experts.gate_proj"].abs().sum() > 0
 
 
-def test_zero3_bf16_keeps_the_bias_float32(tmp_path):
-    run_dir = tmp_path / "bf16"
-    run_train(run_dir, [*COMMON, *EP2_ZERO3, "train.precision=bf16"], nproc=2)
+def test_zero3_bf16_keeps_the_bias_float32(started):
+    run_dir, proc = started["bf16"]
+    assert_ran(proc)
     state = final_state(run_dir)
     biases = {k: v for k, v in state.items() if k.endswith("expert_bias")}
     assert biases and all(v.dtype == torch.float32 for v in biases.values())
