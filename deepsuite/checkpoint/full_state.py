@@ -255,9 +255,8 @@ def read_full_state(tag_dir: str | Path, *, optimizer: bool = True) -> FullState
         st = FullState(module=_read_module(tag_dir, dense), layout=layout)
         if optimizer and layout["zero"] in (1, 2):
             _read_zero12(tag_dir, dense, world, ep, st)
-        elif (
-            optimizer
-        ):  # ZeRO 0 names its optimizer state by index: the run's config says in what order
+        elif optimizer:
+            # ZeRO 0 names its optimizer state by index: the run's config says in what order
             cfg = config_from_dict(
                 json.loads((tag_dir / "trainer_state.json").read_text())["config"]
             )
