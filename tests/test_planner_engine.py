@@ -25,6 +25,7 @@ from deepsuite.planner import (
     balanced_rows_per_token,
     dispatcher_bytes,
     model_state_bytes,
+    zero3_partition,
 )
 from deepsuite.planner.layout import ZeroSettings
 from tests.distributed.launch import run_ranks
@@ -178,16 +179,25 @@ def _check_memory(results: list[dict], world: int) -> None:
             # MB only C++ holds: gloo's buffers, ZeRO 3's in-flight gathers)
             assert got["after_step"] >= 0.99 * got["census"], tag
             between_steps = plan.total - (plan.grads if stage < 3 else 0)
+            held = plan.backward_temp if stage <= 1 else 0
+            # ZeRO 3: the buffer of an all-gather still in flight (a prefetch), which only the
+            # communication layer holds (the census does not see it), is at most one module's
+            # parameters (seen: 2.36 MB at world 2, EP 1, exactly one MoE layer's experts)
+            module = zero3_partition(cfg, lay)["module"] * (2 if precision == "bf16" else 4)
+            inflight = module if stage == 3 else 0
             for key, want, slack in (
                 # ZeRO 0's all-reduce flatten and ZeRO 1's reduction bucket may still be held
-                # when backward returns (freed by the step), on some ranks: allowed on top
-                ("after_backward", plan.total, plan.backward_temp if stage <= 1 else 0),
-                ("peak_step", plan.peak_step, 0),
-                ("after_step", between_steps, 0),
+                # when backward returns, on some ranks, and are freed by the step: allowed on
+                # top after backward and at the step's peak (seen: ZeRO 0, 4 ranks, rank 1 held
+                # its 3.5 MB flatten through Adam's temporaries)
+                ("after_backward", plan.total, held + inflight),
+                ("peak_step", plan.peak_step, held + inflight),
+                ("after_step", between_steps, inflight),
             ):
-                # plus up to 1 MB the communication layer may still hold (gloo's buffers of
-                # the last collectives, ZeRO 3's last gathers: seen up to 0.9 and 1.6 MB)
-                bound = 0.05 * want + 1_000_000
+                # plus up to 2 MB the communication layer may still hold (gloo's buffers of
+                # the last collectives, ZeRO 3's last gathers: seen up to 0.9, 1.6 and, at EP 4
+                # after the step, 1.8 MB; the census, what Python reaches, matched the plan)
+                bound = 0.05 * want + 2_000_000
                 assert -bound <= got[key] - want <= bound + slack, f"{key}: {tag}"
             want = plan.peak_backward(act)
             # plus one reduction bucket: under ZeRO 1/2 a rank may still hold the bucket being
