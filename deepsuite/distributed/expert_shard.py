@@ -71,7 +71,7 @@ __all__ = [
 ]
 
 # the names in state dicts and checkpoints (the seed's, Hugging Face's); the module itself holds
-# gate and up as one parameter, gate_up_proj (layers/moe/experts.py, split_gate_up / fuse_gate_up)
+# gate and up as one parameter, gate_up_proj (layers/moe/gate_up.py: split_gate_up / fuse_gate_up)
 EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 DEEPSPEED_EXPERT_INFIX = "deepspeed_moe.experts.deepspeed_experts."
 _EXPERT_NAME = re.compile(r"\.experts\.(local\.)?(gate_proj|up_proj|gate_up_proj|down_proj)$")
